@@ -1,0 +1,34 @@
+# Two entry points: `make demo` (the main job, end to end, offline) and `make test`.
+# Both create .venv and install what they need. For a CUDA build of torch:
+#   make test TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint pytest bench clean
+
+$(BIN)/.installed: pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: $(BIN)/.installed
+	$(BIN)/python scripts/demo.py
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check rvhub tests scripts
+	$(BIN)/mypy
+
+pytest: $(BIN)/.installed
+	$(BIN)/python -m pytest -q
+
+test: lint pytest
+
+bench: $(BIN)/.installed
+	$(BIN)/python scripts/bench_extract_apply.py
+
+clean:
+	rm -rf $(VENV) demo-out
