@@ -1,0 +1,404 @@
+"""Low-level file plumbing shared by every command: dtype names, a streaming safetensors writer,
+sharding with an index, atomic output folders and file hashing."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import struct
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import InvalidOptionError, OutputExistsError
+
+logger = logging.getLogger(__name__)
+
+# safetensors dtype codes <-> torch dtypes (the codes the format defines for what torch can hold)
+ST_TO_TORCH: dict[str, torch.dtype] = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+TORCH_TO_ST: dict[torch.dtype, str] = {v: k for k, v in ST_TO_TORCH.items()}
+FLOAT_CODES = ("BF16", "F16", "F32", "F64")
+# user-facing names for --dtype options
+DTYPE_NAMES: dict[str, str] = {
+    "bfloat16": "BF16", "bf16": "BF16",
+    "float16": "F16", "fp16": "F16", "half": "F16",
+    "float32": "F32", "fp32": "F32", "float": "F32",
+}
+
+
+def dtype_code(name: str) -> str:
+    """Map a user dtype name (``bfloat16``, ``fp16``, ``float32``…) to a safetensors code."""
+    code = DTYPE_NAMES.get(name.lower())
+    if code is None:
+        raise InvalidOptionError("--dtype", name, "use one of bfloat16, float16, float32")
+    return code
+
+
+def itemsize(code: str) -> int:
+    return torch.empty((), dtype=ST_TO_TORCH[code]).element_size()
+
+
+def nbytes(code: str, shape: Sequence[int]) -> int:
+    return int(np.prod(shape, dtype=np.int64)) * itemsize(code)
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A zero-copy byte view of a contiguous CPU tensor (works for bfloat16, which numpy lacks)."""
+    t = t.contiguous()
+    if t.dtype == torch.bool:
+        t = t.view(torch.uint8)
+    return memoryview(t.view(torch.uint8).numpy()).cast("B") if t.numel() else memoryview(b"")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, safetensors dtype code and shape of one tensor to write."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return nbytes(self.dtype, self.shape)
+
+
+def _header(entries: Sequence[TensorSpec], metadata: dict[str, str] | None) -> bytes:
+    head: dict[str, Any] = {}
+    if metadata:
+        head["__metadata__"] = metadata
+    offset = 0
+    for e in entries:
+        head[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
+        offset += e.nbytes
+    raw = json.dumps(head, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format allows space padding; 8-byte alignment keeps data aligned
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class SafetensorsFileWriter:
+    """Writes one safetensors file tensor by tensor, chunk by chunk, without holding a tensor in memory.
+
+    With ``plan`` (every entry known up front) the header goes first and data streams straight into place.
+    Without it, data streams to a side file and the header is prepended on ``close``.
+    """
+
+    def __init__(self, path: Path, metadata: dict[str, str] | None, plan: Sequence[TensorSpec] | None = None):
+        self.path = path
+        self.metadata = metadata
+        self.plan = list(plan) if plan is not None else None
+        self.entries: list[TensorSpec] = []
+        self._pending: TensorSpec | None = None
+        self._left = 0
+        if self.plan is not None:
+            self._fh = open(path, "wb")
+            self._fh.write(_header(self.plan, metadata))
+        else:
+            self._fh = open(path.with_name(path.name + ".body"), "wb")
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(e.nbytes for e in self.entries)
+
+    def begin(self, spec: TensorSpec) -> None:
+        if self._left:
+            raise RuntimeError(f"{self._pending} is incomplete")
+        if self.plan is not None and self.plan[len(self.entries)] != spec:
+            raise RuntimeError(f"{spec} written out of plan order")
+        self.entries.append(spec)
+        self._pending, self._left = spec, spec.nbytes
+
+    def write(self, chunk: torch.Tensor | np.ndarray | bytes | memoryview) -> None:
+        data = tensor_bytes(chunk) if isinstance(chunk, torch.Tensor) else memoryview(chunk).cast("B")
+        if len(data) > self._left:
+            raise RuntimeError(f"too many bytes for {self._pending}")
+        self._fh.write(data)
+        self._left -= len(data)
+
+    def add(self, spec: TensorSpec, chunks: Iterable[torch.Tensor | np.ndarray | bytes]) -> None:
+        self.begin(spec)
+        for c in chunks:
+            self.write(c)
+        if self._left:
+            raise RuntimeError(f"{spec} is missing {self._left} bytes")
+
+    def close(self) -> None:
+        if self._left:
+            raise RuntimeError(f"{self._pending} is incomplete")
+        if self.plan is not None:
+            if len(self.entries) != len(self.plan):
+                raise RuntimeError(f"{self.path}: {len(self.plan) - len(self.entries)} planned tensors unwritten")
+            _fsync_close(self._fh)
+            return
+        body = Path(self._fh.name)
+        self._fh.close()
+        with open(self.path, "wb") as out, open(body, "rb") as src:
+            out.write(_header(self.entries, self.metadata))
+            out.flush()
+            _copy_file(src, out)
+            _fsync_close(out)
+        body.unlink()
+
+    def abort(self) -> None:
+        self._fh.close()
+
+
+def _copy_file(src: Any, dst: Any) -> None:
+    size = os.fstat(src.fileno()).st_size
+    done = 0
+    try:
+        while done < size:
+            n = os.copy_file_range(src.fileno(), dst.fileno(), size - done)
+            if n == 0:
+                break
+            done += n
+    except OSError:
+        src.seek(done)
+        shutil.copyfileobj(src, dst, 16 << 20)
+        return
+    if done < size:
+        shutil.copyfileobj(src, dst, 16 << 20)
+
+
+def _fsync_close(fh: Any) -> None:
+    fh.flush()
+    os.fsync(fh.fileno())
+    fh.close()
+
+
+class ShardedWriter:
+    """Writes tensors into size-bounded safetensors shards named like ``save_pretrained`` does
+    (``{stem}.safetensors`` or ``{stem}-00001-of-00003.safetensors`` + ``{stem}.safetensors.index.json``).
+
+    Give ``plan`` when every tensor is known up front (zero-copy, header first); otherwise shards are
+    assembled on close. Tensors must then be written in plan order.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        stem: str,
+        max_shard_bytes: int,
+        metadata: dict[str, str] | None = None,
+        plan: Sequence[TensorSpec] | None = None,
+        index_metadata: dict[str, Any] | None = None,
+    ):
+        if max_shard_bytes <= 0:
+            raise InvalidOptionError("--max-shard-size", max_shard_bytes, "must be positive")
+        self.folder, self.stem, self.max = folder, stem, max_shard_bytes
+        self.metadata = metadata
+        self.index_metadata = index_metadata or {}
+        self._shard_plans: list[list[TensorSpec]] | None = None
+        if plan is not None:
+            self._shard_plans = _split(plan, max_shard_bytes)
+        self._done: list[tuple[Path, list[TensorSpec]]] = []
+        self._cur: SafetensorsFileWriter | None = None
+
+    def _open_next(self) -> SafetensorsFileWriter:
+        i = len(self._done)
+        path = self.folder / f".shard-{i:05d}.safetensors"
+        plan = self._shard_plans[i] if self._shard_plans is not None else None
+        return SafetensorsFileWriter(path, self.metadata, plan)
+
+    def _finish_current(self) -> None:
+        if self._cur is not None:
+            self._cur.close()
+            self._done.append((self._cur.path, list(self._cur.entries)))
+            self._cur = None
+
+    def begin(self, spec: TensorSpec) -> SafetensorsFileWriter:
+        """Start a tensor; returns the file writer to stream its bytes into with ``write``."""
+        cur = self._cur
+        if self._shard_plans is not None:
+            if cur is not None and len(cur.entries) == len(cur.plan or []):
+                self._finish_current()
+                cur = None
+        elif cur is not None and cur.entries and cur.data_bytes + spec.nbytes > self.max:
+            self._finish_current()
+            cur = None
+        if cur is None:
+            cur = self._cur = self._open_next()
+        cur.begin(spec)
+        return cur
+
+    def add(self, spec: TensorSpec, chunks: Iterable[torch.Tensor | np.ndarray | bytes]) -> None:
+        w = self.begin(spec)
+        for c in chunks:
+            w.write(c)
+
+    def close(self) -> list[str]:
+        """Finish the last shard, give shards their final names, write the index; return file names."""
+        self._finish_current()
+        n = len(self._done)
+        if self._shard_plans is not None and n not in (0, len(self._shard_plans)):
+            raise RuntimeError("planned shards were not all written")
+        if n == 0:  # an empty vector still gets one (empty) file so readers need no special case
+            w = SafetensorsFileWriter(self.folder / f".shard-{0:05d}.safetensors", self.metadata, [])
+            w.close()
+            self._done.append((w.path, []))
+            n = 1
+        names: list[str] = []
+        weight_map: dict[str, str] = {}
+        total = 0
+        for i, (path, entries) in enumerate(self._done):
+            name = f"{self.stem}.safetensors" if n == 1 else f"{self.stem}-{i + 1:05d}-of-{n:05d}.safetensors"
+            path.rename(self.folder / name)
+            names.append(name)
+            for e in entries:
+                weight_map[e.name] = name
+                total += e.nbytes
+        if n > 1:
+            index = {"metadata": {**self.index_metadata, "total_size": total}, "weight_map": weight_map}
+            index_name = f"{self.stem}.safetensors.index.json"
+            write_text(self.folder / index_name, json.dumps(index, indent=2, sort_keys=True) + "\n")
+            names.append(index_name)
+        return names
+
+    def abort(self) -> None:
+        if self._cur is not None:
+            self._cur.abort()
+
+
+def _split(plan: Sequence[TensorSpec], max_bytes: int) -> list[list[TensorSpec]]:
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in plan:
+        if shards[-1] and size + spec.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return shards
+
+
+def write_text(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def copy_file(src: Path, dst: Path) -> None:
+    """Copy a small file and fsync it (part of an atomic output folder)."""
+    shutil.copyfile(src, dst)
+    with open(dst, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+def sha256_file(path: Path, block: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def parse_size(text: str | int) -> int:
+    """``"2GB"``, ``"500MB"``, ``"64KiB"`` or an integer number of bytes."""
+    if isinstance(text, int):
+        return text
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    s = text.strip().upper()
+    num = s.rstrip("KMGTIB")
+    try:
+        value = float(num) * units[s[len(num):]]
+    except (KeyError, ValueError) as e:
+        raise InvalidOptionError("size", text, "use bytes or a number with KB/MB/GB (or KiB/MiB/GiB)") from e
+    if value <= 0:
+        raise InvalidOptionError("size", text, "must be positive")
+    return int(value)
+
+
+# ---------------------------------------------------------------- atomic output folders
+
+_TMP_MARK = ".rvhub-tmp-"
+
+
+def check_output(out: Path, overwrite: bool, inputs: Iterable[Path] = ()) -> None:
+    """Refuse early (before any work) when OUT exists without ``overwrite`` or would replace an input."""
+    out = out.absolute()
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise OutputExistsError(str(out))
+        resolved = out.resolve()
+        for p in inputs:
+            p = p.resolve()
+            if p == resolved or resolved in p.parents:
+                raise InvalidOptionError("output", str(out), "it contains an input; choose another folder")
+
+
+def _clean_stale(out: Path) -> None:
+    """Remove temporary siblings left by a killed run of ours (their process is gone)."""
+    prefix = f".{out.name}{_TMP_MARK}"
+    for p in out.parent.glob(prefix + "*"):
+        pid = p.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary sibling of OUT to build in; on success fsync it and rename it to OUT.
+
+    On any error the temporary folder is removed and OUT is untouched. A killed process leaves only a
+    hidden ``.OUT.rvhub-tmp-PID-…`` sibling, which the next run for the same OUT removes.
+    """
+    out = out.absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale(out)
+    tmp = out.with_name(f".{out.name}{_TMP_MARK}{os.getpid()}-{os.urandom(4).hex()}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        _fsync_dir(tmp)
+        if out.exists() or out.is_symlink():
+            if not overwrite:
+                raise OutputExistsError(str(out))
+            trash = tmp.with_name(tmp.name + "-old")
+            os.rename(out, trash)
+            os.rename(tmp, out)
+            shutil.rmtree(trash) if trash.is_dir() else trash.unlink()
+        else:
+            os.rename(tmp, out)
+        _fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,31 @@
+"""Progress bars for long work: bytes and tensors, on stderr; off with quiet or HF_HUB_DISABLE_PROGRESS_BARS."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from huggingface_hub.utils import tqdm as _hf_tqdm
+
+
+def progress_bar(total_bytes: int, desc: str, enabled: bool, tensors: int) -> Any:
+    """A bytes/s bar (huggingface_hub's tqdm honours HF_HUB_DISABLE_PROGRESS_BARS) counting tensors too."""
+    bar = _hf_tqdm(
+        total=total_bytes,
+        desc=desc,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        disable=not enabled,
+        leave=False,
+        dynamic_ncols=True,
+    )
+    bar.set_postfix_str(f"0/{tensors} tensors", refresh=False)
+    bar.rvhub_tensors = tensors
+    bar.rvhub_done = 0
+    return bar
+
+
+def tensor_done(bar: Any, nbytes: int) -> None:
+    bar.rvhub_done += 1
+    bar.set_postfix_str(f"{bar.rvhub_done}/{bar.rvhub_tensors} tensors", refresh=False)
+    bar.update(nbytes)

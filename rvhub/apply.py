@@ -1,0 +1,225 @@
+"""``apply``: θ_target + α·v, streamed chunk by chunk, in float32, rounded once to the output dtype."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._io import (
+    ST_TO_TORCH,
+    ShardedWriter,
+    TensorSpec,
+    atomic_dir,
+    check_output,
+    copy_file,
+    dtype_code,
+    parse_size,
+    write_text,
+)
+from ._progress import progress_bar, tensor_done
+from .errors import (
+    InvalidOptionError,
+    MissingTensorError,
+    NonFiniteError,
+    ShapeMismatchError,
+    TiedEmbeddingError,
+    VocabMismatchError,
+)
+from .formats import VectorFolder, work_dtype
+from .sources import CHUNK_ELEMS, ModelSource, open_model
+
+logger = logging.getLogger(__name__)
+
+_DTYPE_CONFIG_NAME = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    """What ``apply`` wrote."""
+
+    out: str
+    scale: float
+    device: str
+    tensors_changed: int
+    tensors_copied: int
+    output_bytes: int
+    seconds: float
+    skipped_vocab_rows: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class _Job:
+    name: str  # target tensor
+    spec: TensorSpec  # output tensor
+    source: str | None  # vector entry whose delta applies, or None to copy
+
+
+def resolve_device(device: str) -> torch.device:
+    """``cpu`` or ``cuda[:N]``; a clear error when CUDA is asked for but absent."""
+    if device == "cpu":
+        return torch.device("cpu")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InvalidOptionError("--device", device, "CUDA is not available here; use --device cpu")
+        return torch.device(device)
+    raise InvalidOptionError("--device", device, "use cpu or cuda (cuda:N)")
+
+
+def plan_apply(
+    vec: VectorFolder, tgt: ModelSource, out_code: str | None, allow_vocab_mismatch: bool
+) -> tuple[list[_Job], dict[str, int]]:
+    """Match vector tensors to target tensors; check shapes, vocab rows and embedding tying."""
+    pair = tgt.tied_pair
+    head = pair[0] if pair else None
+    target_names = set(tgt.tensors)
+    if tgt.tied and head:
+        target_names.discard(head)  # never write lm_head into a model whose config ties it
+    sources: dict[str, str] = {}
+    missing = []
+    for name in vec.entries:
+        if name in target_names:
+            sources[name] = name
+        elif tgt.tied and name == head:
+            raise TiedEmbeddingError(name)
+        else:
+            missing.append(name)
+    if missing:
+        raise MissingTensorError(missing, "the vector", f"the target ({tgt.ref.id})")
+    if pair and vec.card.tie_word_embeddings and not tgt.tied and pair[1] in vec.entries and head in target_names:
+        # the vector's shared embedding matrix moved both input embeddings and output head in its sources
+        sources[pair[0]] = pair[1]
+    if pair and tgt.tied and not vec.card.tie_word_embeddings and pair[1] in vec.entries:
+        logger.warning("target ties lm_head to %s: the vector's embedding delta moves its output head too", pair[1])
+    skipped: dict[str, int] = {}
+    for name, src in sources.items():
+        vshape, tshape = vec.entries[src].shape, tgt.tensors[name].shape
+        if vshape == tshape:
+            continue
+        vocab = name in tgt.vocab_tensors
+        if not vocab or vshape[1:] != tshape[1:] or not vshape:
+            raise ShapeMismatchError(name, vshape, tshape, "the vector", f"the target ({tgt.ref.id})")
+        if not allow_vocab_mismatch:
+            raise VocabMismatchError(name, vshape[0], tshape[0])
+        skipped[name] = abs(vshape[0] - tshape[0])
+    jobs = []
+    for name in sorted(target_names):
+        info = tgt.tensors[name]
+        code = out_code if (out_code and info.is_float) else info.dtype
+        jobs.append(_Job(name, TensorSpec(name, code, info.shape), sources.get(name) if info.is_float else None))
+    return jobs, skipped
+
+
+def apply(
+    vector: str | Path,
+    base: str,
+    out: str | Path,
+    *,
+    scale: float = 1.0,
+    dtype: str | None = None,
+    device: str = "cpu",
+    overwrite: bool = False,
+    allow_vocab_mismatch: bool = False,
+    max_shard_size: str | int = "5GB",
+    progress: bool = True,
+    chunk_elems: int = CHUNK_ELEMS,
+) -> ApplyResult:
+    """Write θ_base + scale·v to ``out``: float32 arithmetic, rounded once to the base's dtype (or ``dtype``).
+
+    config.json, generation_config.json and tokenizer files come from ``base``; a tied base stays tied.
+    """
+    t0 = time.perf_counter()
+    out = Path(out)
+    vector = Path(vector)
+    if not math.isfinite(scale):
+        raise InvalidOptionError("--scale", scale, "must be a finite number")
+    out_code = dtype_code(dtype) if dtype else None
+    shard_bytes = parse_size(max_shard_size)
+    dev = resolve_device(device)
+    check_output(out, overwrite, [vector, *([Path(base)] if Path(base).exists() else [])])
+    vec = VectorFolder(vector)
+    tgt = open_model(base, hash_content=False)
+    jobs, skipped = plan_apply(vec, tgt, out_code, allow_vocab_mismatch)
+    for name, rows in skipped.items():
+        logger.warning("%s: vocabulary sizes differ; %d row(s) left without a delta", name, rows)
+    n_params = sum(tgt.tensors[j.name].numel for j in jobs)
+    total = sum(tgt.tensors[j.name].nbytes for j in jobs)
+
+    with atomic_dir(out, overwrite) as tmp:
+        writer = ShardedWriter(
+            tmp, "model", shard_bytes, metadata={"format": "pt"},
+            plan=[j.spec for j in jobs], index_metadata={"total_parameters": n_params},
+        )
+        bar = progress_bar(total, f"apply α={scale:g}", progress, len(jobs))
+        try:
+            for job in jobs:
+                _apply_tensor(job, vec, tgt, writer, scale, dev, chunk_elems)
+                tensor_done(bar, tgt.tensors[job.name].nbytes)
+            names = writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            bar.close()
+        _copy_side_files(tgt, tmp, out_code)
+        output_bytes = sum((tmp / n).stat().st_size for n in names)
+    return ApplyResult(
+        out=str(out),
+        scale=scale,
+        device=str(dev),
+        tensors_changed=sum(1 for j in jobs if j.source),
+        tensors_copied=sum(1 for j in jobs if not j.source),
+        output_bytes=output_bytes,
+        seconds=round(time.perf_counter() - t0, 3),
+        skipped_vocab_rows=skipped,
+    )
+
+
+def _apply_tensor(
+    job: _Job, vec: VectorFolder, tgt: ModelSource, writer: ShardedWriter, scale: float,
+    dev: torch.device, chunk_elems: int,
+) -> None:
+    w = writer.begin(job.spec)
+    info = tgt.tensors[job.name]
+    out_dtype = ST_TO_TORCH[job.spec.dtype]
+    chunks = tgt.iter_chunks(job.name, chunk_elems)
+    if job.source is None:
+        for c in chunks:
+            w.write(c if c.dtype == out_dtype else c.to(out_dtype))
+        return
+    work = work_dtype(info.dtype, vec.entries[job.source].source_dtype, job.spec.dtype)
+    row_elems = info.numel // info.shape[0] if info.shape else 1
+    rows = info.shape[0] if info.shape else 1
+    deltas = vec.delta_chunks(job.source, rows, row_elems, chunk_elems, scale, work)
+    for c, d in zip(chunks, deltas, strict=True):
+        acc = c.to(dev, work)
+        acc.add_(d.delta.to(dev))
+        if d.fix_pos.numel():
+            pos = d.fix_pos.to(dev)
+            acc[pos] += d.fix_lo.to(dev)
+        res = acc.to(out_dtype)
+        if not bool(torch.isfinite(res).all()):
+            raise NonFiniteError(job.name, "target or vector, after applying", int((~torch.isfinite(res)).sum()))
+        w.write(res.cpu())
+
+
+def _copy_side_files(tgt: ModelSource, folder: Path, out_code: str | None) -> None:
+    for path in tgt.side_files():
+        dest = folder / path.name
+        if path.name == "config.json" and out_code:
+            config = json.loads(path.read_text(encoding="utf-8"))
+            for key in ("dtype", "torch_dtype"):
+                if key in config:
+                    config[key] = _DTYPE_CONFIG_NAME[out_code]
+            write_text(dest, json.dumps(config, indent=2) + "\n")
+        else:
+            copy_file(path, dest)

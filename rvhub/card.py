@@ -1,0 +1,115 @@
+"""The typed metadata stored as ``rvhub.json`` in every vector folder.
+
+Frozen pydantic models with ``extra="forbid"``: a typo or a hand edit fails loudly instead of vanishing.
+Later schema versions extend this card (benchmarks, fingerprints, compression report).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from . import __version__
+from .errors import VectorFormatError
+
+CARD_FILE = "rvhub.json"
+SCHEMA_VERSION = 1
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelRef(_Frozen):
+    """Where a model came from, pinned: a Hub repo at a resolved commit, or a local folder by content."""
+
+    kind: Literal["hub", "local"] = Field(description="hub: a Hugging Face Hub repo; local: a folder")
+    id: str = Field(description="Hub repo id, or the folder path as given")
+    revision: str | None = Field(default=None, description="revision asked for (Hub only)")
+    commit: str | None = Field(default=None, description="resolved commit hash (Hub only)")
+    content_sha256: str | None = Field(
+        default=None,
+        description="sha256 over the sorted (file name, file sha256) pairs of the weight files (local only)",
+    )
+
+    def __str__(self) -> str:
+        if self.kind == "hub":
+            return f"{self.id}@{self.commit or self.revision or 'main'}"
+        return f"{self.id} (sha256 {str(self.content_sha256)[:12]})"
+
+
+class TensorEntry(_Frozen):
+    """One tensor of the vector."""
+
+    name: str
+    shape: tuple[int, ...]
+    source_dtype: Literal["BF16", "F16", "F32", "F64"] = Field(description="dtype of the tensor in the models")
+    changed: int = Field(ge=0, description="number of elements that differ between the two models")
+    fixups: int = Field(
+        ge=0, default=0,
+        description="elements whose delta is stored in float32 hi+lo parts so that from + v == to exactly",
+    )
+
+
+class FileEntry(_Frozen):
+    """A file of the vector folder and its sha256."""
+
+    path: str
+    size: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class VectorCard(_Frozen):
+    """Manifest of a reasoning-vector folder (``rvhub.json``)."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    rvhub_version: str = __version__
+    formula: Literal["to - from"] = Field(default="to - from", description="v = θ_to − θ_from, per tensor")
+    format: Literal["sparse", "dense"] = Field(
+        description="sparse: bitmask of changed elements + their deltas; dense: a full delta per tensor"
+    )
+    values_dtype: Literal["source", "BF16", "F16", "F32"] = Field(
+        description="dtype of the stored deltas; 'source' = each tensor's own dtype (exact by construction)"
+    )
+    exact: bool = Field(description="applying the vector to `from` reproduces `to` (up to the sign of zero)")
+    source_from: ModelRef
+    source_to: ModelRef
+    model_type: str | None = Field(default=None, description="config.json model_type of the sources")
+    tie_word_embeddings: bool = Field(
+        description="true when both sources tie lm_head to the input embeddings (the vector then has no "
+        "lm_head delta: the embedding delta moves both)"
+    )
+    tensors: list[TensorEntry]
+    unchanged: list[str] = Field(default_factory=list, description="tensors equal in both models (omitted)")
+    files: list[FileEntry]
+
+    def write(self, folder: Path) -> None:
+        from ._io import write_text
+
+        write_text(folder / CARD_FILE, self.model_dump_json(indent=2) + "\n")
+
+    @classmethod
+    def read(cls, folder: Path) -> VectorCard:
+        path = folder / CARD_FILE
+        if not path.is_file():
+            raise VectorFormatError(str(folder), f"no {CARD_FILE}")
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise VectorFormatError(str(folder), f"{CARD_FILE} is not valid JSON: {e}") from e
+        version = raw.get("schema_version") if isinstance(raw, dict) else None
+        if version != SCHEMA_VERSION:
+            raise VectorFormatError(
+                str(folder),
+                f"{CARD_FILE} has schema_version {version!r}; this rvhub ({__version__}) reads version "
+                f"{SCHEMA_VERSION}",
+            )
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(p) for p in err["loc"])
+            raise VectorFormatError(str(folder), f"{CARD_FILE} field {where}: {err['msg']}") from e

@@ -1,0 +1,171 @@
+"""The ``rvhub`` command line: parse, call one library function, print. Library errors become one line
+on stderr and exit code 1 (the traceback only with ``--debug`` or RVHUB_DEBUG=1)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Callable
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from . import __version__
+from .errors import RvhubError
+
+app = typer.Typer(
+    name="rvhub",
+    help="Extract, apply and share reasoning vectors: v = θ_RL − θ_SFT, applied as θ_target + α·v.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+class VectorFormat(str, Enum):
+    sparse = "sparse"
+    dense = "dense"
+
+
+# Options shared by several commands, defined once.
+QuietOpt = Annotated[
+    bool, typer.Option("--quiet", "-q", help="No progress bar (also off with HF_HUB_DISABLE_PROGRESS_BARS=1).")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON summary on stdout.")]
+DebugOpt = Annotated[
+    bool, typer.Option("--debug", help="Show the full traceback on errors (or set RVHUB_DEBUG=1).")
+]
+OverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="Replace OUT if it exists (it is replaced only after success).")
+]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder (must not exist, unless --overwrite).")]
+ShardOpt = Annotated[
+    str, typer.Option("--max-shard-size", help="Largest safetensors shard, e.g. 2GB, 500MB, 1GiB (bytes).")
+]
+
+T = TypeVar("T")
+
+
+def _run(debug: bool, json_out: bool, call: Callable[[], T], human: Callable[[T], str]) -> None:
+    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s", stream=sys.stderr)
+    debug = debug or os.environ.get("RVHUB_DEBUG", "") not in ("", "0")
+    signal.signal(signal.SIGTERM, _terminate)  # so a terminated run removes its temporary output
+    try:
+        result = call()
+    except RvhubError as e:
+        if debug:
+            traceback.print_exc()
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted; nothing was written", err=True)
+        raise typer.Exit(130) from None
+    if json_out:
+        typer.echo(json.dumps(_to_dict(result), indent=2))
+    else:
+        typer.echo(human(result))
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _to_dict(result: Any) -> Any:
+    return result.to_dict() if hasattr(result, "to_dict") else result
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+@app.command()
+def extract(
+    from_model: Annotated[str, typer.Option("--from", help="The model v starts from (SFT): folder or org/name[@rev].")],
+    to_model: Annotated[str, typer.Option("--to", help="The model v leads to (RL): folder or org/name[@rev].")],
+    out: OutOpt,
+    format: Annotated[
+        VectorFormat,
+        typer.Option(help="sparse: exact bitmask + changed deltas (small); dense: a full delta per tensor."),
+    ] = VectorFormat.sparse,
+    dtype: Annotated[
+        str | None,
+        typer.Option(help="Dense only: store deltas as float32 (default, exact) or bfloat16/float16 (lossy)."),
+    ] = None,
+    max_shard_size: ShardOpt = "2GB",
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Compute the vector v = θ_to − θ_from (float32 differences), streaming tensor by tensor."""
+    from .extract import extract as run
+
+    def human(r: Any) -> str:
+        pct = 100 * r.changed_elements / max(r.elements, 1)
+        return (
+            f"wrote {r.out}: {r.format} vector, {r.tensors} tensors ({r.unchanged_tensors} unchanged), "
+            f"{pct:.1f}% of {r.elements:,} elements changed, {_mb(r.vector_bytes)} "
+            f"({r.vector_bytes / max(r.model_bytes, 1):.2f}x the model), {'exact' if r.exact else 'lossy'}, "
+            f"{r.seconds:.1f}s"
+        )
+
+    _run(debug, json_out, lambda: run(
+        from_model, to_model, out, format=format.value, dtype=dtype, max_shard_size=max_shard_size,
+        overwrite=overwrite, progress=not quiet,
+    ), human)
+
+
+@app.command()
+def apply(
+    vector: Annotated[Path, typer.Argument(help="A vector folder written by `rvhub extract`.")],
+    base: Annotated[str, typer.Option("--base", help="The target model: folder or org/name[@rev].")],
+    out: OutOpt,
+    scale: Annotated[float, typer.Option("--scale", "-a", help="α in θ_base + α·v; -1 subtracts the vector.")] = 1.0,
+    dtype: Annotated[
+        str | None, typer.Option(help="Output dtype (bfloat16, float16, float32); default: the base's own.")
+    ] = None,
+    device: Annotated[str, typer.Option(help="Where the arithmetic runs: cpu or cuda[:N].")] = "cpu",
+    allow_vocab_mismatch: Annotated[
+        bool,
+        typer.Option(help="If vocabulary sizes differ, apply the delta to the common rows and report the rest."),
+    ] = False,
+    max_shard_size: ShardOpt = "5GB",
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Write θ_base + α·v: float32 arithmetic rounded once; config and tokenizer from the base."""
+    from .apply import apply as run
+
+    def human(r: Any) -> str:
+        skipped = "".join(f"; {n}: {k} vocab row(s) without delta" for n, k in r.skipped_vocab_rows.items())
+        return (
+            f"wrote {r.out}: α={r.scale:g}, {r.tensors_changed} tensors changed, {r.tensors_copied} copied, "
+            f"{_mb(r.output_bytes)}, {r.seconds:.1f}s on {r.device}{skipped}"
+        )
+
+    _run(debug, json_out, lambda: run(
+        vector, base, out, scale=scale, dtype=dtype, device=device, overwrite=overwrite,
+        allow_vocab_mismatch=allow_vocab_mismatch, max_shard_size=max_shard_size, progress=not quiet,
+    ), human)
+
+
+@app.command()
+def version() -> None:
+    """Print the rvhub version."""
+    typer.echo(__version__)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,266 @@
+"""``extract``: v = θ_to − θ_from, per tensor, in float32, streamed chunk by chunk into a vector folder."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from ._io import (
+    ST_TO_TORCH,
+    TORCH_TO_ST,
+    ShardedWriter,
+    TensorSpec,
+    atomic_dir,
+    check_output,
+    dtype_code,
+    parse_size,
+    sha256_file,
+)
+from ._progress import progress_bar, tensor_done
+from .card import FileEntry, ModelRef, TensorEntry, VectorCard
+from .errors import InvalidOptionError, MissingTensorError, ShapeMismatchError, UnsupportedTensorError
+from .formats import FIX_HI, FIX_INDEX, FIX_LO, MASK, VALUES, VECTOR_STEM, encode_chunk, pack_bits
+from .sources import CHUNK_ELEMS, ModelSource, TensorInfo, open_model
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExtractResult:
+    """What ``extract`` wrote."""
+
+    out: str
+    format: str
+    exact: bool
+    tensors: int
+    unchanged_tensors: int
+    elements: int
+    changed_elements: int
+    fixups: int
+    vector_bytes: int
+    model_bytes: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class _Pair:
+    name: str
+    src: TensorInfo  # in `from` (may be the tied embedding standing in for lm_head)
+    dst: TensorInfo  # in `to`
+
+
+def pair_tensors(a: ModelSource, b: ModelSource, a_label: str = "from", b_label: str = "to") -> list[_Pair]:
+    """Match the tensors of two models by name, resolving tied heads; check names and shapes.
+
+    When both models tie lm_head to the embeddings, lm_head is left out (the embedding delta moves both).
+    When only one ties, its effective lm_head is its embedding matrix, so the head gets a delta of its own.
+    """
+    names_a = _own_names(a)
+    names_b = _own_names(b)
+    both_tied = a.tied and b.tied
+    pair = a.tied_pair or b.tied_pair
+    if pair and not both_tied:
+        head = pair[0]
+        names_a.add(head)
+        names_b.add(head)
+    only_a = sorted(names_a - names_b)
+    only_b = sorted(names_b - names_a)
+    if only_a:
+        raise MissingTensorError(only_a, f"{a_label} ({a.ref.id})", f"{b_label} ({b.ref.id})")
+    if only_b:
+        raise MissingTensorError(only_b, f"{b_label} ({b.ref.id})", f"{a_label} ({a.ref.id})")
+    pairs = []
+    for name in sorted(names_a):
+        ia, ib = _resolve(a, name), _resolve(b, name)
+        if ia.shape != ib.shape:
+            raise ShapeMismatchError(name, ia.shape, ib.shape, f"{a_label} ({a.ref.id})", f"{b_label} ({b.ref.id})")
+        pairs.append(_Pair(name, ia, ib))
+    return pairs
+
+
+def _own_names(src: ModelSource) -> set[str]:
+    names = set(src.tensors)
+    pair = src.tied_pair
+    if src.tied and pair:
+        names.discard(pair[0])  # a tied checkpoint may still store lm_head: it is an alias, not a tensor
+    return names
+
+
+def _resolve(src: ModelSource, name: str) -> TensorInfo:
+    pair = src.tied_pair
+    if pair and name == pair[0] and (src.tied or name not in src.tensors):
+        return src.tensors[pair[1]]
+    return src.tensors[name]
+
+
+def extract(
+    from_model: str,
+    to_model: str,
+    out: str | Path,
+    *,
+    format: Literal["sparse", "dense"] = "sparse",
+    dtype: str | None = None,
+    max_shard_size: str | int = "2GB",
+    overwrite: bool = False,
+    progress: bool = True,
+    chunk_elems: int = CHUNK_ELEMS,
+) -> ExtractResult:
+    """Compute v = θ_to − θ_from and write it to the vector folder ``out``.
+
+    ``format="sparse"`` (default) stores a bitmask of changed elements and their deltas, exactly;
+    ``"dense"`` stores full deltas in float32 (exact) or ``dtype`` (e.g. bfloat16, lossy).
+    """
+    t0 = time.perf_counter()
+    out = Path(out)
+    if format not in ("sparse", "dense"):
+        raise InvalidOptionError("--format", format, "use sparse or dense")
+    if format == "sparse" and dtype is not None:
+        raise InvalidOptionError(
+            "--dtype", dtype, "sparse vectors store each delta in its tensor's own dtype, exactly; "
+            "--dtype is for --format dense"
+        )
+    dense_code = dtype_code(dtype) if dtype else "F32"
+    shard_bytes = parse_size(max_shard_size)
+    inputs = [Path(p) for p in (from_model, to_model) if Path(p).exists()]
+    check_output(out, overwrite, inputs)
+
+    src_from = open_model(from_model)
+    src_to = open_model(to_model)
+    pairs = pair_tensors(src_from, src_to)
+    for p in pairs:
+        if not (p.src.is_float and p.dst.is_float) and p.src.dtype != p.dst.dtype:
+            raise UnsupportedTensorError(p.name, f"{p.src.dtype}/{p.dst.dtype}")
+    sparse = format == "sparse"
+    entries: list[TensorEntry] = []
+    unchanged: list[str] = []
+    total_bytes = sum(p.src.nbytes + p.dst.nbytes for p in pairs)
+    exact = sparse or dense_code == "F32"
+
+    with atomic_dir(out, overwrite) as tmp:
+        writer = ShardedWriter(tmp, VECTOR_STEM, shard_bytes, metadata={"format": "rvhub-" + format})
+        bar = progress_bar(total_bytes, f"extract {format}", progress, len(pairs))
+        try:
+            for p in pairs:
+                entry = _extract_tensor(p, src_from, src_to, writer, sparse, dense_code, exact, chunk_elems)
+                if entry is not None:  # dense vectors keep unchanged tensors (as zeros) too
+                    entries.append(entry)
+                if entry is None or entry.changed == 0:
+                    unchanged.append(p.name)
+                tensor_done(bar, p.src.nbytes + p.dst.nbytes)
+            names = writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            bar.close()
+        files = [FileEntry(path=n, size=(tmp / n).stat().st_size, sha256=sha256_file(tmp / n)) for n in names]
+        card = VectorCard(
+            format=format,
+            values_dtype="source" if sparse else dense_code,  # type: ignore[arg-type]
+            exact=exact,
+            source_from=_pinned(src_from),
+            source_to=_pinned(src_to),
+            model_type=src_to.model_type or src_from.model_type,
+            tie_word_embeddings=src_from.tied and src_to.tied,
+            tensors=entries,
+            unchanged=unchanged,
+            files=files,
+        )
+        card.write(tmp)
+    model_bytes = sum(p.dst.nbytes for p in pairs)
+    return ExtractResult(
+        out=str(out),
+        format=format,
+        exact=exact,
+        tensors=len(entries),
+        unchanged_tensors=len(unchanged),
+        elements=sum(p.dst.numel for p in pairs),
+        changed_elements=sum(e.changed for e in entries),
+        fixups=sum(e.fixups for e in entries),
+        vector_bytes=sum(f.size for f in files),
+        model_bytes=model_bytes,
+        seconds=round(time.perf_counter() - t0, 3),
+    )
+
+
+def _pinned(src: ModelSource) -> ModelRef:
+    if src.ref.kind == "local":
+        return src.ref.model_copy(update={"content_sha256": src.content_sha256()})
+    return src.ref
+
+
+def _extract_tensor(
+    p: _Pair,
+    src_from: ModelSource,
+    src_to: ModelSource,
+    writer: ShardedWriter,
+    sparse: bool,
+    dense_code: str,
+    exact_dense: bool,
+    chunk_elems: int,
+) -> TensorEntry | None:
+    if not p.dst.is_float:  # integer buffers must be equal; they carry no delta
+        a, b = src_from.read(p.src.name), src_to.read(p.dst.name)
+        if not torch.equal(a, b):
+            raise UnsupportedTensorError(p.name, p.dst.dtype)
+        return None
+    out_dtype = ST_TO_TORCH[p.dst.dtype]
+    same = p.src.dtype == p.dst.dtype
+    if sparse:
+        values_dtype = out_dtype if same else torch.float32
+        exact = True
+    else:
+        values_dtype = ST_TO_TORCH[dense_code]
+        exact = exact_dense or (same and values_dtype == out_dtype)
+    chunks_f = src_from.iter_chunks(p.src.name, chunk_elems)
+    chunks_t = src_to.iter_chunks(p.dst.name, chunk_elems)
+    masks: list[np.ndarray] = []
+    values: list[torch.Tensor] = []
+    fix_pos: list[torch.Tensor] = []
+    fix_hi: list[torch.Tensor] = []
+    fix_lo: list[torch.Tensor] = []
+    changed = 0
+    start = 0
+    dense_writer = None
+    for cf, ct in zip(chunks_f, chunks_t, strict=True):
+        enc = encode_chunk(p.name, cf, ct, values_dtype, sparse, exact)
+        n_changed = int(enc.changed.sum())
+        changed += n_changed
+        if sparse:
+            masks.append(pack_bits(enc.changed.numpy()))
+            values.append(enc.values)
+        else:
+            if dense_writer is None:
+                dense_writer = writer.begin(TensorSpec(p.name, TORCH_TO_ST[values_dtype], p.dst.shape))
+            dense_writer.write(enc.values)
+        if enc.fix_pos.numel():
+            fix_pos.append(enc.fix_pos + start)
+            fix_hi.append(enc.fix_hi)
+            fix_lo.append(enc.fix_lo)
+        start += cf.numel()
+    if changed == 0 and sparse:
+        return None
+    if sparse:
+        mask = np.concatenate(masks)
+        writer.add(TensorSpec(p.name + MASK, "U8", (mask.size,)), [mask])
+        vals = torch.cat(values)
+        writer.add(TensorSpec(p.name + VALUES, TORCH_TO_ST[vals.dtype], (vals.numel(),)), [vals])
+    n_fix = sum(t.numel() for t in fix_pos)
+    if n_fix:
+        pos, hi, lo = torch.cat(fix_pos), torch.cat(fix_hi), torch.cat(fix_lo)
+        writer.add(TensorSpec(p.name + FIX_INDEX, "I64", (n_fix,)), [pos])
+        writer.add(TensorSpec(p.name + FIX_HI, TORCH_TO_ST[hi.dtype], (n_fix,)), [hi])
+        writer.add(TensorSpec(p.name + FIX_LO, TORCH_TO_ST[lo.dtype], (n_fix,)), [lo])
+    return TensorEntry(
+        name=p.name, shape=p.dst.shape, source_dtype=p.dst.dtype,  # type: ignore[arg-type]
+        changed=changed, fixups=n_fix,
+    )

@@ -1,0 +1,300 @@
+"""Model sources: a local folder or a Hub repo (``org/name@rev``), read one tensor (chunk) at a time.
+
+Only safetensors are ever read; pickle checkpoints are refused. Network happens here and in the registry
+only, never in pure steps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from math import gcd
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ._io import FLOAT_CODES, ST_TO_TORCH, nbytes, sha256_file
+from .card import ModelRef
+from .errors import CorruptFileError, ModelNotFoundError, PickleOnlyError
+
+logger = logging.getLogger(__name__)
+
+# Files that make a model usable besides its weights. The output of `apply` takes these from the TARGET.
+SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# (output embedding, input embedding) names of the architectures that tie them
+TIED_PAIRS = (
+    ("lm_head.weight", "model.embed_tokens.weight"),
+    ("lm_head.weight", "transformer.wte.weight"),
+    ("embed_out.weight", "gpt_neox.embed_in.weight"),
+)
+_REPO_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?$")
+CHUNK_ELEMS = 1 << 22
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return nbytes(self.dtype, self.shape)
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in FLOAT_CODES
+
+
+@dataclass
+class ModelSource:
+    """An opened checkpoint: its tensors' headers, config and side files, read lazily."""
+
+    ref: ModelRef
+    root: Path
+    tensors: dict[str, TensorInfo]
+    config: dict[str, Any]
+    weight_files: list[Path]
+    _hash: _ContentHasher | None = field(default=None, repr=False)
+
+    @property
+    def model_type(self) -> str | None:
+        mt = self.config.get("model_type")
+        return str(mt) if mt is not None else None
+
+    @property
+    def tied(self) -> bool:
+        return tied_embeddings(self.config, self.tensors)
+
+    @property
+    def tied_pair(self) -> tuple[str, str] | None:
+        """(lm_head name, embedding name) if this architecture has such a pair (tied or not)."""
+        for head, emb in TIED_PAIRS:
+            if emb in self.tensors:
+                return head, emb
+        return None
+
+    @property
+    def vocab_tensors(self) -> set[str]:
+        pair = self.tied_pair
+        return set(pair) if pair else set()
+
+    def side_files(self) -> list[Path]:
+        return [self.root / n for n in SIDE_FILES if (self.root / n).is_file()]
+
+    def read(self, name: str) -> torch.Tensor:
+        info = self.tensors[name]
+        with open_safetensors(info.file) as f:
+            return f.get_tensor(name)
+
+    def iter_chunks(self, name: str, chunk_elems: int = CHUNK_ELEMS) -> Iterator[torch.Tensor]:
+        """Yield the tensor flattened, in contiguous chunks of about ``chunk_elems`` elements.
+
+        Chunk boundaries fall on row boundaries and on multiples of 8 elements (so bitmasks pack per chunk),
+        except at the end. The same ``chunk_elems`` gives the same boundaries for equal shapes.
+        """
+        info = self.tensors[name]
+        with open_safetensors(info.file) as f:
+            if len(info.shape) == 0 or info.numel <= chunk_elems:
+                yield f.get_tensor(name).reshape(-1)
+                return
+            sl = f.get_slice(name)
+            for a, b in row_blocks(info.shape, chunk_elems):
+                yield sl[a:b].reshape(-1)
+
+    def content_sha256(self) -> str | None:
+        return self._hash.result() if self._hash else None
+
+
+def row_blocks(shape: tuple[int, ...], chunk_elems: int) -> list[tuple[int, int]]:
+    """Row ranges [a, b) of about ``chunk_elems`` elements, a multiple of 8 elements each but the last."""
+    rows = shape[0]
+    row = 1
+    for s in shape[1:]:
+        row *= s
+    step = 8 // gcd(row, 8) if row else 1
+    per = max(step, (chunk_elems // max(row, 1)) // step * step)
+    return [(a, min(a + per, rows)) for a in range(0, rows, per)]
+
+
+def tied_embeddings(config: dict[str, Any], tensors: dict[str, Any]) -> bool:
+    """Whether the model ties its output head to its input embeddings.
+
+    The config decides when it says so; transformers' default when it is silent is to tie, and a
+    checkpoint without an lm_head tensor can only be tied.
+    """
+    value = config.get("tie_word_embeddings")
+    if value is None and isinstance(config.get("text_config"), dict):
+        value = config["text_config"].get("tie_word_embeddings")
+    if value is not None:
+        return bool(value)
+    for head, emb in TIED_PAIRS:
+        if emb in tensors:
+            return head not in tensors
+    return False
+
+
+class _ContentHasher:
+    """Hashes weight files in a background thread (hashlib releases the GIL) while tensors are read."""
+
+    def __init__(self, files: list[Path]):
+        self._files = files
+        self._value: str | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True, name="rvhub-hash")
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            h = hashlib.sha256()
+            for p in sorted(self._files, key=lambda p: p.name):
+                h.update(f"{p.name}\0{sha256_file(p)}\n".encode())
+            self._value = h.hexdigest()
+        except BaseException as e:  # surfaced in result()
+            self._error = e
+
+    def result(self) -> str:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._value is not None
+        return self._value
+
+
+def open_safetensors(path: Path) -> Any:
+    """``safe_open`` with format errors turned into :class:`CorruptFileError`."""
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise CorruptFileError(str(path), str(e)) from e
+
+
+def open_model(ref: str, *, hash_content: bool = True) -> ModelSource:
+    """Open a model by local folder path or Hub repo id (``org/name`` or ``org/name@revision``)."""
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelNotFoundError(ref, "expected a folder with config.json and *.safetensors")
+        return _open_folder(path, ModelRef(kind="local", id=ref), hash_content)
+    if not _REPO_RE.match(ref) or ref.startswith((".", "/", "~")):
+        raise ModelNotFoundError(ref, "no such folder, and it is not a Hub repo id (org/name[@revision])")
+    return _open_hub(ref)
+
+
+def _open_folder(root: Path, ref: ModelRef, hash_content: bool) -> ModelSource:
+    files = _weight_files(root, str(ref.id))
+    tensors: dict[str, TensorInfo] = {}
+    for file in files:
+        with open_safetensors(file) as f:
+            try:
+                for name in f.keys():
+                    sl = f.get_slice(name)
+                    tensors[name] = TensorInfo(name, sl.get_dtype(), tuple(sl.get_shape()), file)
+            except SafetensorError as e:
+                raise CorruptFileError(str(file), str(e)) from e
+    bad = [t for t in tensors.values() if t.dtype not in ST_TO_TORCH]
+    if bad:
+        raise CorruptFileError(str(bad[0].file), f"tensor {bad[0].name} has unsupported dtype {bad[0].dtype}")
+    config = _read_json(root / "config.json") if (root / "config.json").is_file() else {}
+    hasher = _ContentHasher(files) if hash_content and ref.kind == "local" else None
+    return ModelSource(ref=ref, root=root, tensors=tensors, config=config, weight_files=files, _hash=hasher)
+
+
+def _weight_files(root: Path, ref: str) -> list[Path]:
+    indexes = sorted(root.glob("*.safetensors.index.json"))
+    if indexes:
+        index = _read_json(indexes[0])
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CorruptFileError(str(indexes[0]), "no weight_map")
+        names = sorted(set(weight_map.values()))
+        for n in names:
+            if not isinstance(n, str) or Path(n).name != n:
+                raise CorruptFileError(str(indexes[0]), f"shard name {n!r} is not a plain file name")
+            if not (root / n).is_file():
+                raise CorruptFileError(str(indexes[0]), f"shard {n} is missing")
+        return [root / n for n in names]
+    files = sorted(root.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(p.name for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise PickleOnlyError(ref, pickles)
+    raise ModelNotFoundError(ref, f"{root} has no *.safetensors weights")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CorruptFileError(str(path), f"invalid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise CorruptFileError(str(path), "expected a JSON object")
+    return data
+
+
+def _open_hub(ref: str) -> ModelSource:
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    repo_id, _, revision = ref.partition("@")
+    rev = revision or None
+    try:
+        files = HfApi().list_repo_files(repo_id, revision=rev)
+        if not any(f.endswith(".safetensors") for f in files):
+            pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
+            if pickles:
+                raise PickleOnlyError(ref, pickles)
+            raise ModelNotFoundError(ref, "the repo has no *.safetensors weights")
+        local = snapshot_download(
+            repo_id,
+            revision=rev,
+            allow_patterns=["*.safetensors", "*.safetensors.index.json", *SIDE_FILES],
+        )
+    except RevisionNotFoundError as e:
+        raise ModelNotFoundError(ref, f"revision {revision!r} does not exist") from e
+    except (RepositoryNotFoundError, GatedRepoError) as e:
+        raise ModelNotFoundError(ref, "repo not found on the Hub, or not accessible with your token") from e
+    except LocalEntryNotFoundError as e:
+        raise ModelNotFoundError(ref, "not in the local cache and the Hub is unreachable") from e
+    except HfHubHTTPError as e:
+        raise ModelNotFoundError(ref, f"Hub error: {e}") from e
+    root = Path(local)
+    commit = root.name if re.fullmatch(r"[0-9a-f]{40}", root.name) else None
+    return _open_folder(root, ModelRef(kind="hub", id=repo_id, revision=rev, commit=commit), False)

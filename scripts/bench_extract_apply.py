@@ -1,0 +1,389 @@
+"""Benchmark `rvhub extract` + `rvhub apply` against mergekit task_arithmetic, a naive torch merge and
+the IO floor, on synthetic checkpoints with the shapes of Qwen2.5-0.5B and Qwen2.5-1.5B.
+
+    python scripts/bench_extract_apply.py [--shapes 0.5b,1.5b] [--work .bench] [--reps 1]
+                                          [--out docs/BENCHMARKS.md] [--rvhub .venv/bin/rvhub]
+
+`--shapes tiny` is a fast self-test. Every measured step runs as its own process, from a warm page cache;
+the report goes between this script's markers in --out and to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from _bench_util import (
+    REPO_ROOT,
+    SHAPES,
+    Comparison,
+    Measurement,
+    Shape,
+    build_trio,
+    compare_checkpoints,
+    machine_info,
+    md_table,
+    measure,
+    package_version,
+    remove,
+    replace_section,
+    run_once,
+    safetensors_files,
+    today,
+    tree_size,
+)
+
+ALPHA = 1.0
+SECTION = "bench_extract_apply"
+MERGEKIT_PINS = ("torch==2.13.0", "mergekit==0.1.5")  # torch first: the unpinned one pulls CUDA wheels
+MERGEKIT_FLAGS = (
+    "--no-cuda", "--device", "cpu", "--no-read-to-gpu", "--no-low-cpu-memory", "--no-multi-gpu",
+    "--no-lazy-unpickle", "--no-async-write", "--no-copy-tokenizer", "--no-write-model-card", "--quiet",
+)
+EXTRACT, APPLY, RVHUB = "(a) extract", "(a) apply", "(a) extract+apply"
+MERGEKIT, NAIVE = "(b) mergekit", "(c) naive torch"
+FLOOR_APPLY, FLOOR_BOTH = "(d) IO floor apply", "(d) IO floor extract+apply"
+ROWS = (EXTRACT, APPLY, RVHUB, MERGEKIT, NAIVE, FLOOR_APPLY, FLOOR_BOTH)
+RSS_LIMIT_MB = 1500.0
+
+NAIVE_SCRIPT = '''\
+"""Naive merge: load three checkpoints fully, out = target + alpha * (rl - sft) in float32, save bf16."""
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def load(folder):
+    tensors = {}
+    for f in sorted(Path(folder).rglob("*.safetensors")):
+        tensors.update(load_file(f))
+    return tensors
+
+
+sft, rl, target = load(sys.argv[1]), load(sys.argv[2]), load(sys.argv[3])
+out, alpha = Path(sys.argv[4]), float(sys.argv[5])
+merged = {n: (t.float() + alpha * (rl[n].float() - sft[n].float())).to(torch.bfloat16) for n, t in target.items()}
+out.mkdir(parents=True)
+save_file(merged, str(out / "model.safetensors"), metadata={"format": "pt"})
+'''
+
+IO_FLOOR_SCRIPT = '''\
+"""IO floor: read every tensor of the inputs once, write one model-size file; no arithmetic.
+
+get_tensor returns tensors backed by a lazy mmap, so reading is made real by copying (.clone()) each
+tensor of the read-only inputs; the kept model's tensors are read by save_file as it writes them.
+"""
+import sys
+from pathlib import Path
+
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+
+def files(folder):
+    return sorted(Path(folder).rglob("*.safetensors"))
+
+
+out, keep, others = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
+for folder in others:
+    for f in files(folder):
+        with safe_open(str(f), framework="pt") as h:
+            for name in h.keys():
+                h.get_tensor(name).clone()
+kept = {}
+for f in files(keep):
+    with safe_open(str(f), framework="pt") as h:
+        kept.update({name: h.get_tensor(name) for name in h.keys()})
+out.mkdir(parents=True)
+save_file(kept, str(out / "model.safetensors"), metadata={"format": "pt"})
+'''
+
+
+@dataclass
+class Bench:
+    """Paths and settings shared by every shape."""
+
+    work: Path
+    reps: int
+    rvhub: Path | None
+    mergekit_yaml: Path
+
+    @property
+    def helpers(self) -> Path:
+        return self.work / "helpers"
+
+    def log(self, shape: Shape, step: str) -> Path:
+        return self.work / "logs" / f"{shape.name}-{step}.log"
+
+    def run_dir(self, shape: Shape) -> Path:
+        return self.work / "runs" / shape.name
+
+
+@dataclass
+class ShapeResult:
+    """Everything measured for one shape."""
+
+    shape: Shape
+    model_bytes: int
+    timings: dict[str, Measurement] = field(default_factory=dict)
+    comparisons: dict[str, Comparison] = field(default_factory=dict)
+    exact: Comparison | None = None
+    vector_bytes: int | None = None
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p.add_argument("--shapes", default="0.5b,1.5b", help=f"comma-separated, from {', '.join(SHAPES)}")
+    p.add_argument("--work", type=Path, default=REPO_ROOT / ".bench", help="models, venv, scratch outputs")
+    p.add_argument("--reps", type=int, default=1, help="runs per step (median wall time, max RSS)")
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "BENCHMARKS.md", help="Markdown report")
+    p.add_argument("--rvhub", type=Path, default=REPO_ROOT / ".venv" / "bin" / "rvhub", help="rvhub CLI")
+    args = p.parse_args(argv)
+    unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
+    if unknown or args.reps < 1:
+        p.error(f"unknown shapes {unknown}" if unknown else "--reps must be at least 1")
+    return args
+
+
+def ensure_mergekit(venv: Path) -> Path:
+    """Install mergekit into its own venv (once) and return its mergekit-yaml."""
+    exe = venv / "bin" / "mergekit-yaml"
+    wanted = MERGEKIT_PINS[-1].split("==")[1]
+    if exe.exists() and package_version("mergekit", venv / "bin" / "python") == wanted:
+        return exe
+    print(f"installing {' then '.join(MERGEKIT_PINS)} into {venv} ...", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    for pin in MERGEKIT_PINS:
+        subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", pin], check=True)
+    return exe
+
+
+def write_helpers(folder: Path) -> tuple[Path, Path]:
+    """Write the naive-merge and IO-floor scripts run as subprocesses."""
+    folder.mkdir(parents=True, exist_ok=True)
+    naive, floor = folder / "naive_merge.py", folder / "io_floor.py"
+    naive.write_text(NAIVE_SCRIPT)
+    floor.write_text(IO_FLOOR_SCRIPT)
+    return naive, floor
+
+
+def mergekit_config(sft: Path, rl: Path, target: Path) -> str:
+    """task_arithmetic: SFT + α(RL − SFT) + (TARGET − SFT) = TARGET + α(RL − SFT)."""
+    return (
+        "merge_method: task_arithmetic\n"
+        f"base_model: {sft}\n"
+        "models:\n"
+        f"  - model: {rl}\n"
+        f"    parameters: {{weight: {ALPHA}}}\n"
+        f"  - model: {target}\n"
+        "    parameters: {weight: 1.0}\n"
+        "dtype: float32\n"
+        "out_dtype: bfloat16\n"
+    )
+
+
+# --------------------------------------------------------------------------- one shape
+
+
+def run_shape(bench: Bench, shape: Shape) -> ShapeResult:
+    """Build (or reuse) the checkpoints of a shape, time every contender and compare their outputs."""
+    print(f"[{shape.name}] building or reusing checkpoints ...", flush=True)
+    trio = build_trio(shape, bench.work / "models")
+    result = ShapeResult(shape, sum(f.stat().st_size for f in safetensors_files(trio.sft)))
+    runs = bench.run_dir(shape)
+    vec, out_a, out_b, out_c = (runs / n for n in ("vector", "out_rvhub", "out_mergekit", "out_naive"))
+    naive, floor = write_helpers(bench.helpers)
+    py = sys.executable
+
+    def step(row: str, cmd: Sequence[str | Path], inputs: Sequence[Path], outputs: Sequence[Path]) -> None:
+        print(f"[{shape.name}] {row} ...", flush=True)
+        tag = row.split(") ", 1)[1].replace(" ", "_").replace("+", "_")
+        result.timings[row] = measure([str(c) for c in cmd], bench.log(shape, tag), bench.reps, inputs, outputs)
+        print(f"[{shape.name}] {row}: {result.timings[row].wall_s:.2f} s, "
+              f"{result.timings[row].peak_rss_mb:.0f} MB", flush=True)
+
+    if bench.rvhub:
+        rv = bench.rvhub
+        step(EXTRACT, [rv, "extract", "--from", trio.sft, "--to", trio.rl, "-o", vec, "--quiet", "--json"],
+             [trio.sft, trio.rl], [vec])
+        step(APPLY, [rv, "apply", vec, "--base", trio.target, "-o", out_a, "--scale", str(ALPHA), "--quiet",
+                     "--json"], [vec, trio.target], [out_a])
+        result.timings[RVHUB] = Measurement.combine([result.timings[EXTRACT], result.timings[APPLY]])
+        result.vector_bytes = tree_size(vec)
+        result.exact = check_exact(bench, shape, vec, trio.sft, trio.rl)
+        step(FLOOR_APPLY, [py, floor, runs / "floor", trio.target, vec], [trio.target, vec], [runs / "floor"])
+    step(FLOOR_BOTH, [py, floor, runs / "floor", trio.target, trio.sft, trio.rl],
+         [trio.target, trio.sft, trio.rl], [runs / "floor"])
+    remove(runs / "floor")
+    step(NAIVE, [py, naive, trio.sft, trio.rl, trio.target, out_c, ALPHA], [trio.sft, trio.rl, trio.target],
+         [out_c])
+    config = bench.helpers / f"mergekit-{shape.name}.yml"
+    config.write_text(mergekit_config(trio.sft, trio.rl, trio.target))
+    step(MERGEKIT, [bench.mergekit_yaml, config, out_b, *MERGEKIT_FLAGS], [trio.sft, trio.rl, trio.target],
+         [out_b])
+
+    print(f"[{shape.name}] comparing outputs ...", flush=True)
+    pairs = [("(b) mergekit vs (c) naive torch", out_b, out_c)]
+    if bench.rvhub:
+        pairs = [("(a) rvhub vs (c) naive torch", out_a, out_c), *pairs, ("(a) rvhub vs (b) mergekit", out_a, out_b)]
+    result.comparisons = {label: compare_checkpoints(x, y) for label, x, y in pairs}
+    remove(runs)
+    return result
+
+
+def check_exact(bench: Bench, shape: Shape, vec: Path, sft: Path, rl: Path) -> Comparison:
+    """Apply the vector to SFT (α = 1) and compare with RL bit for bit."""
+    out = bench.run_dir(shape) / "out_exact"
+    remove(out)
+    assert bench.rvhub is not None
+    run_once([str(bench.rvhub), "apply", str(vec), "--base", str(sft), "-o", str(out), "--scale", "1.0",
+              "--quiet", "--json"], bench.log(shape, "apply_to_sft"))
+    comparison = compare_checkpoints(out, rl)
+    remove(out)
+    return comparison
+
+
+# --------------------------------------------------------------------------- report
+
+
+def shape_title(r: ShapeResult) -> str:
+    return (f"Qwen2.5-{r.shape.name.upper()} shape" if r.shape.name != "tiny" else "tiny self-test shape") + (
+        f" ({r.shape.n_params() / 1e6:,.0f}M parameters, bf16 model.safetensors {r.model_bytes / 1e6:,.0f} MB)")
+
+
+def timing_table(r: ShapeResult, skip_reason: str) -> str:
+    base = r.timings.get(MERGEKIT)
+    rows = []
+    for row in ROWS:
+        m = r.timings.get(row)
+        if m is None:
+            rows.append([row, "—", "—", skip_reason])
+            continue
+        ratio = f"{base.wall_s / m.wall_s:.2f}×" if base else "—"
+        rows.append([row, f"{m.wall_s:.2f}", f"{m.peak_rss_mb:,.0f}", ratio])
+    return md_table(["step", "wall s", "peak RSS MB", "vs mergekit"], rows)
+
+
+def equality_lines(r: ShapeResult) -> list[str]:
+    lines = [f"- {label}: {c.describe()}" for label, c in r.comparisons.items()]
+    if r.exact is not None:
+        verdict = "yes" if r.exact.identical else f"no ({r.exact.describe()})"
+        lines.append(f"- `rvhub apply VEC --base SFT` reproduces RL bit for bit: {verdict}")
+    if r.vector_bytes is not None:
+        lines.append(f"- vector folder: {r.vector_bytes / 1e6:,.1f} MB = "
+                     f"{r.vector_bytes / r.model_bytes:.3f}× the bf16 model file")
+    return lines
+
+
+def ratio(r: ShapeResult, slow: str, fast: str) -> float | None:
+    a, b = r.timings.get(slow), r.timings.get(fast)
+    return a.wall_s / b.wall_s if a and b else None
+
+
+def verdict(ok: bool | None, value: str) -> str:
+    return "n/a" if ok is None else f"{'pass' if ok else 'FAIL'} ({value})"
+
+
+def target_rows(results: Sequence[ShapeResult]) -> list[list[str]]:
+    """The issue's targets, with pass/fail computed from the measurements."""
+    rows = []
+    for r in results:
+        ea, ap = ratio(r, MERGEKIT, RVHUB), ratio(r, MERGEKIT, APPLY)
+        floor = ratio(r, APPLY, FLOOR_APPLY)
+        rss = r.timings.get(RVHUB)
+        vec = r.vector_bytes / r.model_bytes if r.vector_bytes is not None else None
+        name = r.shape.name
+        rows += [
+            [f"{name}: extract+apply ≥ 2× faster than mergekit", verdict(ea and ea >= 2, f"{ea or 0:.2f}×")],
+            [f"{name}: apply alone ≥ 3× faster than mergekit", verdict(ap and ap >= 3, f"{ap or 0:.2f}×")],
+            [f"{name}: apply ≤ 2.5× the IO floor (apply)", verdict(floor and floor <= 2.5, f"{floor or 0:.2f}×")],
+            [f"{name}: rvhub peak RSS ≤ 1.5 GB",
+             verdict(rss and rss.peak_rss_mb <= RSS_LIMIT_MB, f"{rss.peak_rss_mb if rss else 0:,.0f} MB")],
+            [f"{name}: sparse vector ≤ 0.35× the bf16 model", verdict(vec and vec <= 0.35, f"{vec or 0:.3f}×")],
+        ]
+    rss_by_shape = {r.shape.name: r.timings[RVHUB].peak_rss_mb for r in results if RVHUB in r.timings}
+    if {"0.5b", "1.5b"} <= rss_by_shape.keys():
+        small, large = rss_by_shape["0.5b"], rss_by_shape["1.5b"]
+        growth = max(small, large) / min(small, large)
+        rows.append(["rvhub peak RSS within 20% between 0.5b and 1.5b",
+                     verdict(growth <= 1.2, f"{small:,.0f} → {large:,.0f} MB, {growth:.2f}×")])
+    else:
+        rows.append(["rvhub peak RSS within 20% between 0.5b and 1.5b", "n/a (needs both shapes measured)"])
+    return [[t, v] for t, v in rows]
+
+
+def render(results: Sequence[ShapeResult], bench: Bench, command: str, rvhub_note: str) -> str:
+    m = machine_info()
+    mk_python = bench.mergekit_yaml.parent / "python"
+    mk_versions = ", ".join(f"{p} {package_version(p, mk_python)}"
+                            for p in ("mergekit", "torch", "transformers", "safetensors"))
+    here = ", ".join(f"{p} {package_version(p)}" for p in ("torch", "safetensors", "transformers", "numpy"))
+    first = results[0].shape.name
+    parts = [
+        "## rvhub extract/apply vs mergekit task_arithmetic",
+        "",
+        f"- Command: `{command}`",
+        f"- Date: {today()}",
+        f"- Machine: {m['cores']} cores, {m['ram']} RAM, {m['cpu']} ({m['os']}, Python {m['python']})",
+        f"- Benchmark interpreter ({sys.executable}): {here}",
+        f"- rvhub: {rvhub_note}",
+        f"- mergekit: {mk_versions}, in its own venv, installed with "
+        + " then ".join(f"`pip install {pin}`" for pin in MERGEKIT_PINS),
+        f"- mergekit command: `mergekit-yaml CONFIG OUT {' '.join(MERGEKIT_FLAGS)}`"
+        " (env CUDA_VISIBLE_DEVICES='', HF_HUB_OFFLINE=1), CONFIG:",
+        "",
+        "```yaml",
+        mergekit_config(Path("SFT"), Path("RL"), Path("TARGET")).rstrip(),
+        "```",
+        "",
+        "Method: synthetic checkpoints in the Hugging Face layout (bf16, tied embeddings, random N(0, 0.02)"
+        " weights); RL = SFT with ~20% of elements moved by 1–3 bf16 ulps; TARGET = SFT + N(0, 0.002)."
+        f" α = {ALPHA}. Each step is a separate process started from a warm page cache with dirty pages"
+        " flushed; wall time includes interpreter start-up and imports; peak RSS is the child's `ru_maxrss`"
+        " from `wait4` (mapped file pages that were touched count too; ~11 MB is the launcher's floor)."
+        f" Wall time is the median of {bench.reps} run(s), RSS the max. \"vs mergekit\" = mergekit wall /"
+        " step wall (> 1 is faster than mergekit). The IO floor reads each input tensor once with"
+        " safetensors (`safe_open` + `get_tensor`) and writes one model-size file with `save_file`.",
+    ]
+    skip = "skipped: rvhub not found" if bench.rvhub is None else ""
+    for r in results:
+        parts += ["", f"### {shape_title(r)}", "", timing_table(r, skip), "", *equality_lines(r)]
+    parts += ["", "### Targets", "", md_table(["target", "result"], target_rows(results))]
+    if first == "tiny":
+        parts += ["", "_Tiny self-test shape: timings are dominated by start-up and mean nothing._"]
+    return "\n".join(parts) + "\n"
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    work: Path = args.work.resolve()
+    rvhub = args.rvhub.resolve() if args.rvhub.exists() else None
+    if rvhub:
+        rvhub_note = f"{package_version('rvhub', rvhub.parent / 'python')} ({rvhub})"
+    else:
+        rvhub_note = f"not found at {args.rvhub}: steps (a), (d) IO floor apply and the (a) comparisons skipped"
+        print(f"warning: {rvhub_note}", file=sys.stderr)
+    bench = Bench(work, args.reps, rvhub, ensure_mergekit(work / "mergekit-venv"))
+    results = [run_shape(bench, SHAPES[name]) for name in args.shapes.split(",")]
+    command = shlex.join(["python", "scripts/bench_extract_apply.py", *(argv or sys.argv[1:])])
+    report = render(results, bench, command, rvhub_note)
+    print("\n" + report)
+    replace_section(args.out, SECTION, report)
+    print(f"report written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
