@@ -53,12 +53,14 @@ def dtype_code(name: str) -> str:
     return code
 
 
-def itemsize(code: str) -> int:
-    return torch.empty((), dtype=ST_TO_TORCH[code]).element_size()
+ITEMSIZE: dict[str, int] = {k: v.itemsize for k, v in ST_TO_TORCH.items()}
 
 
 def nbytes(code: str, shape: Sequence[int]) -> int:
-    return int(np.prod(shape, dtype=np.int64)) * itemsize(code)
+    n = ITEMSIZE[code]
+    for s in shape:
+        n *= s
+    return n
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -66,7 +68,7 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     t = t.contiguous()
     if t.dtype == torch.bool:
         t = t.view(torch.uint8)
-    return memoryview(t.view(torch.uint8).numpy()).cast("B") if t.numel() else memoryview(b"")
+    return memoryview(t.view(torch.uint8).numpy()).cast("B") if t.numel() else memoryview(b"")  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,7 @@ class SafetensorsFileWriter:
         self.metadata = metadata
         self.plan = list(plan) if plan is not None else None
         self.entries: list[TensorSpec] = []
+        self.data_bytes = 0
         self._pending: TensorSpec | None = None
         self._left = 0
         if self.plan is not None:
@@ -115,20 +118,17 @@ class SafetensorsFileWriter:
         else:
             self._fh = open(path.with_name(path.name + ".body"), "wb")
 
-    @property
-    def data_bytes(self) -> int:
-        return sum(e.nbytes for e in self.entries)
-
     def begin(self, spec: TensorSpec) -> None:
         if self._left:
             raise RuntimeError(f"{self._pending} is incomplete")
         if self.plan is not None and self.plan[len(self.entries)] != spec:
             raise RuntimeError(f"{spec} written out of plan order")
         self.entries.append(spec)
+        self.data_bytes += spec.nbytes
         self._pending, self._left = spec, spec.nbytes
 
     def write(self, chunk: torch.Tensor | np.ndarray | bytes | memoryview) -> None:
-        data = tensor_bytes(chunk) if isinstance(chunk, torch.Tensor) else memoryview(chunk).cast("B")
+        data = tensor_bytes(chunk) if isinstance(chunk, torch.Tensor) else memoryview(chunk).cast("B")  # type: ignore[arg-type]
         if len(data) > self._left:
             raise RuntimeError(f"too many bytes for {self._pending}")
         self._fh.write(data)

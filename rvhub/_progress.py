@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from huggingface_hub.utils import tqdm as _hf_tqdm
+from huggingface_hub.utils.tqdm import tqdm as _hf_tqdm
 
 
 def progress_bar(total_bytes: int, desc: str, enabled: bool, tensors: int) -> Any:
     """A bytes/s bar (huggingface_hub's tqdm honours HF_HUB_DISABLE_PROGRESS_BARS) counting tensors too."""
-    bar = _hf_tqdm(
+    bar = _hf_tqdm(  # type: ignore[no-untyped-call]
         total=total_bytes,
         desc=desc,
         unit="B",

@@ -27,12 +27,11 @@ from ._progress import progress_bar, tensor_done
 from .errors import (
     InvalidOptionError,
     MissingTensorError,
-    NonFiniteError,
     ShapeMismatchError,
     TiedEmbeddingError,
     VocabMismatchError,
 )
-from .formats import VectorFolder, work_dtype
+from .formats import VectorFolder, check_finite, work_dtype
 from .sources import CHUNK_ELEMS, ModelSource, open_model
 
 logger = logging.getLogger(__name__)
@@ -202,13 +201,9 @@ def _apply_tensor(
     deltas = vec.delta_chunks(job.source, rows, row_elems, chunk_elems, scale, work)
     for c, d in zip(chunks, deltas, strict=True):
         acc = c.to(dev, work)
-        acc.add_(d.delta.to(dev))
-        if d.fix_pos.numel():
-            pos = d.fix_pos.to(dev)
-            acc[pos] += d.fix_lo.to(dev)
+        d.add_to(acc)
         res = acc.to(out_dtype)
-        if not bool(torch.isfinite(res).all()):
-            raise NonFiniteError(job.name, "target or vector, after applying", int((~torch.isfinite(res)).sum()))
+        check_finite(job.name, res, "target or vector, after applying")
         w.write(res.cpu())
 
 

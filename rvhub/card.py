@@ -65,7 +65,7 @@ class FileEntry(_Frozen):
 class VectorCard(_Frozen):
     """Manifest of a reasoning-vector folder (``rvhub.json``)."""
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1] = 1
     rvhub_version: str = __version__
     formula: Literal["to - from"] = Field(default="to - from", description="v = θ_to − θ_from, per tensor")
     format: Literal["sparse", "dense"] = Field(

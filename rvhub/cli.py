@@ -86,8 +86,8 @@ def _mb(n: int) -> str:
 
 @app.command()
 def extract(
-    from_model: Annotated[str, typer.Option("--from", help="The model v starts from (SFT): folder or org/name[@rev].")],
-    to_model: Annotated[str, typer.Option("--to", help="The model v leads to (RL): folder or org/name[@rev].")],
+    from_model: Annotated[str, typer.Option("--from", help="The model v starts from (SFT): folder or org/name\\[@rev].")],
+    to_model: Annotated[str, typer.Option("--to", help="The model v leads to (RL): folder or org/name\\[@rev].")],
     out: OutOpt,
     format: Annotated[
         VectorFormat,
@@ -124,7 +124,7 @@ def extract(
 @app.command()
 def apply(
     vector: Annotated[Path, typer.Argument(help="A vector folder written by `rvhub extract`.")],
-    base: Annotated[str, typer.Option("--base", help="The target model: folder or org/name[@rev].")],
+    base: Annotated[str, typer.Option("--base", help="The target model: folder or org/name\\[@rev].")],
     out: OutOpt,
     scale: Annotated[float, typer.Option("--scale", "-a", help="α in θ_base + α·v; -1 subtracts the vector.")] = 1.0,
     dtype: Annotated[
@@ -133,7 +133,10 @@ def apply(
     device: Annotated[str, typer.Option(help="Where the arithmetic runs: cpu or cuda[:N].")] = "cpu",
     allow_vocab_mismatch: Annotated[
         bool,
-        typer.Option(help="If vocabulary sizes differ, apply the delta to the common rows and report the rest."),
+        typer.Option(
+            "--allow-vocab-mismatch",
+            help="If vocabulary sizes differ, apply the delta to the common rows and report the rest.",
+        ),
     ] = False,
     max_shard_size: ShardOpt = "5GB",
     overwrite: OverwriteOpt = False,

@@ -233,10 +233,9 @@ def _extract_tensor(
     dense_writer = None
     for cf, ct in zip(chunks_f, chunks_t, strict=True):
         enc = encode_chunk(p.name, cf, ct, values_dtype, sparse, exact)
-        n_changed = int(enc.changed.sum())
-        changed += n_changed
+        changed += enc.n_changed
         if sparse:
-            masks.append(pack_bits(enc.changed.numpy()))
+            masks.append(pack_bits(enc.changed))
             values.append(enc.values)
         else:
             if dense_writer is None:

@@ -15,10 +15,10 @@ Tensors equal in both models are omitted and listed in the card as unchanged.
 
 from __future__ import annotations
 
-import contextlib
 import json
+import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +26,9 @@ import torch
 
 from ._io import ST_TO_TORCH
 from .card import VectorCard
-from .errors import CorruptFileError, ExactnessError, VectorFormatError
+from .errors import CorruptFileError, ExactnessError, NonFiniteError, VectorFormatError
 from .sources import open_safetensors as _open
-from .sources import row_blocks
+from .sources import read_rows, row_blocks
 
 MASK, VALUES, FIX_INDEX, FIX_HI, FIX_LO = "::mask", "::values", "::fix_index", "::fix_hi", "::fix_lo"
 VECTOR_STEM = "vector"
@@ -39,67 +39,102 @@ def work_dtype(*codes: str) -> torch.dtype:
     return torch.float64 if "F64" in codes else torch.float32
 
 
+_INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 @dataclass
 class EncodedChunk:
     """One chunk's share of a tensor's encoding. ``fix_pos`` is relative to the chunk start."""
 
-    changed: torch.Tensor  # bool, chunk length
+    changed: np.ndarray  # bool, chunk length
+    n_changed: int
     values: torch.Tensor  # stored dtype: changed elements (sparse) or every element (dense)
     fix_pos: torch.Tensor  # int64
     fix_hi: torch.Tensor  # float32/64
     fix_lo: torch.Tensor
 
 
+def check_finite(name: str, t: torch.Tensor, where: str) -> None:
+    """Raise NonFiniteError if ``t`` holds NaN/Inf. A float32 sum is NaN/Inf whenever an element is, so the
+    exact (slower) count runs only then; a sum that merely overflows is a false alarm that the count clears."""
+    if t.numel() and not math.isfinite(float(torch.sum(t, dtype=torch.float64 if t.dtype == torch.float64
+                                                        else torch.float32))):
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise NonFiniteError(name, where, bad)
+
+
 def encode_chunk(
     name: str, f_raw: torch.Tensor, t_raw: torch.Tensor, values_dtype: torch.dtype, sparse: bool, exact: bool
 ) -> EncodedChunk:
-    """Encode ``t_raw − f_raw`` (flat chunks) so that applying it to ``f_raw`` gives ``t_raw``."""
-    from .errors import NonFiniteError
+    """Encode ``t_raw − f_raw`` (flat chunks) so that applying it to ``f_raw`` gives ``t_raw``.
 
+    Only changed elements are converted and subtracted: RL leaves most of them bit-identical.
+    """
     work = torch.float64 if torch.float64 in (f_raw.dtype, t_raw.dtype) else torch.float32
-    f = f_raw.to(work)
-    t = t_raw.to(work)
+    check_finite(name, f_raw, "from model")
+    check_finite(name, t_raw, "to model")
+    if f_raw.dtype == t_raw.dtype:  # bit patterns differ exactly where values do (but for ±0, harmless)
+        iv = _INT_VIEW[f_raw.element_size()]
+        changed = f_raw.view(iv).numpy() != t_raw.view(iv).numpy()
+    else:
+        changed = (f_raw.to(work) != t_raw.to(work)).numpy()
+    idx = torch.from_numpy(np.flatnonzero(changed))
+    f = f_raw.index_select(0, idx).to(work)
+    t = t_raw.index_select(0, idx).to(work)
     d = t - f
-    if not bool(torch.isfinite(d).all()):
-        bad_f = int((~torch.isfinite(f)).sum())
-        bad_t = int((~torch.isfinite(t)).sum())
-        where = "from model" if bad_f else "to model" if bad_t else "the difference overflows"
-        raise NonFiniteError(name, where, bad_f or bad_t or int((~torch.isfinite(d)).sum()))
-    changed = d != 0
+    check_finite(name, d, "the difference overflows")
     stored = d.to(values_dtype)
-    empty = torch.empty(0, dtype=work)
     fix_pos = torch.empty(0, dtype=torch.int64)
-    fix_hi, fix_lo = empty, empty
+    fix_hi = fix_lo = torch.empty(0, dtype=work)
     if exact:
-        recon = f + stored.to(work) if values_dtype != work else f + d
-        bad = recon.to(t_raw.dtype) != t_raw
-        if bool(bad.any()):
-            fix_pos = bad.nonzero().reshape(-1)
-            fix_hi = d[fix_pos]
-            s1 = f[fix_pos] + fix_hi
-            fix_lo = t[fix_pos] - s1
+        # exactly what apply computes on `from`; t − f itself may be inexact (|t| ≪ |f|), so check the result
+        recon = (f + stored.to(work)).to(t_raw.dtype)
+        bad = (recon != t_raw.index_select(0, idx)).nonzero().reshape(-1)
+        if bad.numel():
+            fix_pos = idx[bad]
+            fix_hi = d[bad]
+            s1 = f[bad] + fix_hi
+            fix_lo = t[bad] - s1
             still = (s1 + fix_lo).to(t_raw.dtype) != t_raw[fix_pos]
             if bool(still.any()):
                 raise ExactnessError(name, int(still.sum()))
-    values = stored[changed] if sparse else stored
-    return EncodedChunk(changed, values, fix_pos, fix_hi, fix_lo)
+    if sparse:
+        values = stored
+    else:
+        values = torch.zeros(f_raw.numel(), dtype=values_dtype)
+        values.index_put_((idx,), stored)
+    return EncodedChunk(changed, int(idx.numel()), values, fix_pos, fix_hi, fix_lo)
 
 
 def pack_bits(mask: np.ndarray) -> np.ndarray:
     return np.packbits(mask, bitorder="little")
 
 
-def unpack_bits(packed: np.ndarray, count: int) -> torch.Tensor:
-    return torch.from_numpy(np.unpackbits(packed, count=count, bitorder="little").view(np.bool_))
+def unpack_bits(packed: np.ndarray, count: int) -> np.ndarray:
+    return np.unpackbits(packed, count=count, bitorder="little").view(np.bool_)
 
 
 @dataclass
 class DeltaChunk:
-    """A chunk of α·v ready to add: ``out = (θ + delta); out[fix_pos] += fix_lo``."""
+    """A chunk of α·v, ready to add: ``out[index] += values`` (or ``out += values`` when ``index`` is None,
+    dense), then ``out[fix_pos] += fix_lo``. Positions are relative to the chunk start."""
 
-    delta: torch.Tensor
-    fix_pos: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
-    fix_lo: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    index: torch.Tensor | None
+    values: torch.Tensor
+    fix_pos: torch.Tensor
+    fix_lo: torch.Tensor
+
+    def add_to(self, acc: torch.Tensor) -> None:
+        """acc += this chunk, on acc's device, one float32 rounding per term."""
+        dev = acc.device
+        if self.index is None:
+            acc[: self.values.numel()].add_(self.values.to(dev))
+        elif self.index.numel():
+            acc.index_add_(0, self.index.to(dev), self.values.to(dev))
+        if self.fix_pos.numel():
+            pos = self.fix_pos.to(dev)
+            acc[pos] += self.fix_lo.to(dev)
 
 
 class VectorFolder:
@@ -129,24 +164,22 @@ class VectorFolder:
             with _open(single) as f:
                 for key in f.keys():
                     self._where[key] = single
-        for e in self.card.tensors:
-            key = e.name + (MASK if self.card.format == "sparse" else "")
+        for entry in self.card.tensors:
+            key = entry.name + (MASK if self.card.format == "sparse" else "")
             if key not in self._where:
-                raise VectorFormatError(str(folder), f"tensor {e.name} listed in the card is not stored")
+                raise VectorFormatError(str(folder), f"tensor {entry.name} listed in the card is not stored")
 
     @property
     def sparse(self) -> bool:
         return self.card.format == "sparse"
 
-    def _get(self, key: str) -> torch.Tensor:
-        with _open(self._where[key]) as f:
-            t: torch.Tensor = f.get_tensor(key)
-        return t
+    def _get(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        return read_rows(self._where[key], key, rows)
 
     def _fixups(self, name: str, work: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if name + FIX_INDEX not in self._where:
-            e = torch.empty(0, dtype=work)
-            return torch.empty(0, dtype=torch.int64), e, e
+            none = torch.empty(0, dtype=work)
+            return torch.empty(0, dtype=torch.int64), none, none
         return self._get(name + FIX_INDEX), self._get(name + FIX_HI).to(work), self._get(name + FIX_LO).to(work)
 
     def delta_chunks(
@@ -162,43 +195,36 @@ class VectorFolder:
         shape = (rows, *entry.shape[1:]) if entry.shape else ()
         blocks = row_blocks(shape, chunk_elems) if entry.shape else [(0, 1)]
         key = name + (MASK if self.sparse else "")
-        with contextlib.ExitStack() as stack:
-            main = stack.enter_context(_open(self._where[key])).get_slice(key)
-            vals = None
-            offset = 0
-            if self.sparse:
-                vals = stack.enter_context(_open(self._where[name + VALUES])).get_slice(name + VALUES)
-            for a, b in blocks:
-                n = (b - a) * row_elems
-                delta = torch.zeros(n, dtype=work)
-                end = min(b, vrows)
-                if end > a:
-                    m = (end - a) * row_elems
-                    lo, hi = a * row_elems, end * row_elems
-                    if self.sparse:
-                        assert vals is not None
-                        packed = main[lo // 8 : (hi + 7) // 8].numpy()
-                        mask = unpack_bits(packed, m)
-                        k = int(mask.sum())
-                        v = vals[offset : offset + k].to(work) if k else torch.empty(0, dtype=work)
-                        offset += k
-                        delta[:m].masked_scatter_(mask, v)
-                    else:
-                        part = main[a:end] if entry.shape else main[:]
-                        delta[:m] = part.reshape(-1).to(work)
-                else:
-                    lo = hi = a * row_elems
-                pos = torch.empty(0, dtype=torch.int64)
-                flo = torch.empty(0, dtype=work)
-                if fix_idx.numel():
-                    i0, i1 = (int(x) for x in torch.searchsorted(fix_idx, torch.tensor([lo, hi])))
-                    if i1 > i0:
-                        pos = fix_idx[i0:i1] - lo
-                        delta[pos] = fix_hi[i0:i1]
-                        flo = fix_lo[i0:i1] * scale if scale != 1.0 else fix_lo[i0:i1]
-                if scale != 1.0:
-                    delta.mul_(scale)
-                yield DeltaChunk(delta, pos, flo)
+        offset = 0
+        for a, b in blocks:
+            end = min(b, vrows)
+            lo, hi = a * row_elems, max(end, a) * row_elems
+            m = hi - lo
+            index: torch.Tensor | None = None
+            if m <= 0:
+                values = torch.empty(0, dtype=work)
+            elif self.sparse:
+                bits = unpack_bits(self._get(key, (lo // 8, (hi + 7) // 8)).numpy(), m)
+                index = torch.from_numpy(np.flatnonzero(bits))
+                k = int(index.numel())
+                values = self._get(name + VALUES, (offset, offset + k)).to(work)
+                offset += k
+            else:
+                values = self._get(key, (a, end) if entry.shape else None).reshape(-1).to(work)
+            pos = torch.empty(0, dtype=torch.int64)
+            flo = torch.empty(0, dtype=work)
+            if fix_idx.numel() and m > 0:
+                i0, i1 = (int(x) for x in torch.searchsorted(fix_idx, torch.tensor([lo, hi])))
+                if i1 > i0:
+                    pos = fix_idx[i0:i1] - lo
+                    # the exact hi part replaces the rounded stored value of these elements
+                    slot = pos if index is None else torch.searchsorted(index, pos)
+                    values[slot] = fix_hi[i0:i1]
+                    flo = fix_lo[i0:i1]
+            if scale != 1.0:
+                values.mul_(scale)
+                flo = flo * scale
+            yield DeltaChunk(index, values, pos, flo)
 
 
 def torch_dtype(code: str) -> torch.dtype:

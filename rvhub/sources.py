@@ -113,9 +113,7 @@ class ModelSource:
         return [self.root / n for n in SIDE_FILES if (self.root / n).is_file()]
 
     def read(self, name: str) -> torch.Tensor:
-        info = self.tensors[name]
-        with open_safetensors(info.file) as f:
-            return f.get_tensor(name)
+        return read_rows(self.tensors[name].file, name, None)
 
     def iter_chunks(self, name: str, chunk_elems: int = CHUNK_ELEMS) -> Iterator[torch.Tensor]:
         """Yield the tensor flattened, in contiguous chunks of about ``chunk_elems`` elements.
@@ -124,13 +122,14 @@ class ModelSource:
         except at the end. The same ``chunk_elems`` gives the same boundaries for equal shapes.
         """
         info = self.tensors[name]
-        with open_safetensors(info.file) as f:
-            if len(info.shape) == 0 or info.numel <= chunk_elems:
-                yield f.get_tensor(name).reshape(-1)
-                return
-            sl = f.get_slice(name)
-            for a, b in row_blocks(info.shape, chunk_elems):
-                yield sl[a:b].reshape(-1)
+        # the blocks must be exactly those of row_blocks (apply zips them with the vector's): a tensor of
+        # at most chunk_elems elements can still span several blocks when its row is not a multiple of 8
+        blocks = row_blocks(info.shape, chunk_elems) if info.shape and info.numel else []
+        if len(blocks) <= 1:
+            yield read_rows(info.file, name, None).reshape(-1)
+            return
+        for block in blocks:
+            yield read_rows(info.file, name, block).reshape(-1)
 
     def content_sha256(self) -> str | None:
         return self._hash.result() if self._hash else None
@@ -189,6 +188,20 @@ class _ContentHasher:
             raise self._error
         assert self._value is not None
         return self._value
+
+
+def read_rows(path: Path, name: str, rows: tuple[int, int] | None) -> torch.Tensor:
+    """Read a tensor (or rows [a, b) of it) from a safetensors file, opening it for this read only.
+
+    safe_open maps the file; closing it after each read releases the mapped pages, so resident memory
+    stays at about one chunk however large the tensor or the model.
+    """
+    with open_safetensors(path) as f:
+        try:
+            t: torch.Tensor = f.get_tensor(name) if rows is None else f.get_slice(name)[rows[0] : rows[1]]
+        except SafetensorError as e:
+            raise CorruptFileError(str(path), f"{name}: {e}") from e
+    return t
 
 
 def open_safetensors(path: Path) -> Any:
@@ -275,13 +288,16 @@ def _open_hub(ref: str) -> ModelSource:
 
     repo_id, _, revision = ref.partition("@")
     rev = revision or None
+    from huggingface_hub import constants
+
     try:
-        files = HfApi().list_repo_files(repo_id, revision=rev)
-        if not any(f.endswith(".safetensors") for f in files):
-            pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
-            if pickles:
-                raise PickleOnlyError(ref, pickles)
-            raise ModelNotFoundError(ref, "the repo has no *.safetensors weights")
+        if not constants.HF_HUB_OFFLINE:  # offline, the cache alone answers (snapshot_download below)
+            files = HfApi().list_repo_files(repo_id, revision=rev)
+            if not any(f.endswith(".safetensors") for f in files):
+                pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
+                if pickles:
+                    raise PickleOnlyError(ref, pickles)
+                raise ModelNotFoundError(ref, "the repo has no *.safetensors weights")
         local = snapshot_download(
             repo_id,
             revision=rev,

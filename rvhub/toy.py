@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -34,18 +34,20 @@ def build_model(
     tied: bool | None = None, tokenizer_tag: str = "",
 ) -> Path:
     """Save a randomly initialised bf16 causal LM (Qwen2-style tied or Llama-style untied) with a tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
 
-    common = dict(
+    common: dict[str, Any] = dict(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
     )
     torch.manual_seed(seed)
+    model: PreTrainedModel
     if arch == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=True if tied is None else tied))
     else:
         model = LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=False if tied is None else tied))
-    model.to(torch.bfloat16).save_pretrained(path)
+    model.to(torch.bfloat16)  # type: ignore[arg-type]  # transformers 5 stubs miss the dtype overload
+    model.save_pretrained(path)
     save_tokenizer(path, tokenizer_tag)
     return path
 
@@ -59,9 +61,10 @@ def save_tokenizer(path: Path, tag: str = "") -> None:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     specials = ["<unk>", "<|endoftext|>"] + ([f"<|{tag}|>"] if tag else [])
     tok.train_from_iterator(_CORPUS, trainers.BpeTrainer(vocab_size=100, special_tokens=specials))
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", unk_token="<unk>").save_pretrained(
-        path
+    fast = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=tok, eos_token="<|endoftext|>", unk_token="<unk>"
     )
+    fast.save_pretrained(path)
 
 
 def _weights_file(path: Path) -> Path:
@@ -134,5 +137,5 @@ def build_trio(root: Path, arch: Arch = "qwen2", *, seed: int = 0, hidden: int =
     target = add_noise(sft, root / "target", seed=seed + 2)
     save_tokenizer(target, "target")
     gen = target / "generation_config.json"
-    gen.write_text(gen.read_text().replace("{", '{\n  "temperature": 0.6,', 1))
+    gen.write_text(gen.read_text().replace("{", '{\n  "do_sample": true,\n  "temperature": 0.6,', 1))
     return Trio(sft, rl, target)
