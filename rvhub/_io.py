@@ -3,6 +3,7 @@ sharding with an index, atomic output folders and file hashing."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
@@ -11,6 +12,7 @@ import os
 import shutil
 import struct
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,17 +106,26 @@ class SafetensorsFileWriter:
     Without it, data streams to a side file and the header is prepended on ``close``.
     """
 
-    def __init__(self, path: Path, metadata: dict[str, str] | None, plan: Sequence[TensorSpec] | None = None):
+    def __init__(
+        self, path: Path, metadata: dict[str, str] | None, plan: Sequence[TensorSpec] | None = None,
+        reserve: int = 0,
+    ):
         self.path = path
         self.metadata = metadata
         self.plan = list(plan) if plan is not None else None
+        self.reserve = reserve
         self.entries: list[TensorSpec] = []
         self.data_bytes = 0
         self._pending: TensorSpec | None = None
         self._left = 0
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="rvhub-write")
+        self._inflight: collections.deque[Future[int]] = collections.deque()
         if self.plan is not None:
             self._fh = open(path, "wb")
             self._fh.write(_header(self.plan, metadata))
+        elif reserve:  # data goes after room for the header; the header is written into it on close
+            self._fh = open(path, "wb")
+            self._fh.seek(8 + reserve)
         else:
             self._fh = open(path.with_name(path.name + ".body"), "wb")
 
@@ -131,7 +142,11 @@ class SafetensorsFileWriter:
         data = tensor_bytes(chunk) if isinstance(chunk, torch.Tensor) else memoryview(chunk).cast("B")  # type: ignore[arg-type]
         if len(data) > self._left:
             raise RuntimeError(f"too many bytes for {self._pending}")
-        self._fh.write(data)
+        # the write runs in a background thread (it releases the GIL) while the caller computes the next
+        # chunk; at most two chunks are in flight, so memory stays bounded
+        while len(self._inflight) >= 2:
+            self._inflight.popleft().result()
+        self._inflight.append(self._pool.submit(self._fh.write, data))
         self._left -= len(data)
 
     def add(self, spec: TensorSpec, chunks: Iterable[torch.Tensor | np.ndarray | bytes]) -> None:
@@ -141,16 +156,35 @@ class SafetensorsFileWriter:
         if self._left:
             raise RuntimeError(f"{spec} is missing {self._left} bytes")
 
+    def _drain(self) -> None:
+        while self._inflight:
+            self._inflight.popleft().result()
+        self._pool.shutdown()
+
     def close(self) -> None:
         if self._left:
             raise RuntimeError(f"{self._pending} is incomplete")
+        self._drain()
         if self.plan is not None:
             if len(self.entries) != len(self.plan):
                 raise RuntimeError(f"{self.path}: {len(self.plan) - len(self.entries)} planned tensors unwritten")
             _fsync_close(self._fh)
             return
-        body = Path(self._fh.name)
-        self._fh.close()
+        if self.reserve:
+            head = _header(self.entries, self.metadata)
+            if len(head) <= 8 + self.reserve:
+                self._fh.seek(0)  # the format allows the header to be padded with spaces
+                self._fh.write(struct.pack("<Q", self.reserve) + head[8:] + b" " * (8 + self.reserve - len(head)))
+                _fsync_close(self._fh)
+                return
+            self._fh.close()  # the reserve was too small: move the data behind a header (should not happen)
+            body = self.path.with_name(self.path.name + ".body")
+            with open(self.path, "rb") as src, open(body, "wb") as dst:
+                src.seek(8 + self.reserve)
+                shutil.copyfileobj(src, dst, 16 << 20)
+        else:
+            body = Path(self._fh.name)
+            self._fh.close()
         with open(self.path, "wb") as out, open(body, "rb") as src:
             out.write(_header(self.entries, self.metadata))
             out.flush()
@@ -159,6 +193,9 @@ class SafetensorsFileWriter:
         body.unlink()
 
     def abort(self) -> None:
+        for f in self._inflight:
+            f.cancel()
+        self._pool.shutdown(wait=True)
         self._fh.close()
 
 
@@ -201,12 +238,14 @@ class ShardedWriter:
         metadata: dict[str, str] | None = None,
         plan: Sequence[TensorSpec] | None = None,
         index_metadata: dict[str, Any] | None = None,
+        header_reserve: int = 0,
     ):
         if max_shard_bytes <= 0:
             raise InvalidOptionError("--max-shard-size", max_shard_bytes, "must be positive")
         self.folder, self.stem, self.max = folder, stem, max_shard_bytes
         self.metadata = metadata
         self.index_metadata = index_metadata or {}
+        self.header_reserve = header_reserve
         self._shard_plans: list[list[TensorSpec]] | None = None
         if plan is not None:
             self._shard_plans = _split(plan, max_shard_bytes)
@@ -217,7 +256,7 @@ class ShardedWriter:
         i = len(self._done)
         path = self.folder / f".shard-{i:05d}.safetensors"
         plan = self._shard_plans[i] if self._shard_plans is not None else None
-        return SafetensorsFileWriter(path, self.metadata, plan)
+        return SafetensorsFileWriter(path, self.metadata, plan, 0 if plan is not None else self.header_reserve)
 
     def _finish_current(self) -> None:
         if self._cur is not None:

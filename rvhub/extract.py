@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -146,7 +147,13 @@ def extract(
     exact = sparse or dense_code == "F32"
 
     with atomic_dir(out, overwrite) as tmp:
-        writer = ShardedWriter(tmp, VECTOR_STEM, shard_bytes, metadata={"format": "rvhub-" + format})
+        # room for the largest header a shard can get (every remaining tensor's entries), so shards are
+        # written in place and never copied; a few hundred KB of space padding at most
+        reserve = 256 + sum(5 * (len(json.dumps(p.name)) + 220) for p in pairs)
+        writer = ShardedWriter(
+            tmp, VECTOR_STEM, shard_bytes, metadata={"format": "rvhub-" + format},
+            header_reserve=reserve + (-reserve % 8),
+        )
         bar = progress_bar(total_bytes, f"extract {format}", progress, len(pairs))
         try:
             for p in pairs:

@@ -55,10 +55,9 @@ class EncodedChunk:
 
 
 def check_finite(name: str, t: torch.Tensor, where: str) -> None:
-    """Raise NonFiniteError if ``t`` holds NaN/Inf. A float32 sum is NaN/Inf whenever an element is, so the
-    exact (slower) count runs only then; a sum that merely overflows is a false alarm that the count clears."""
-    if t.numel() and not math.isfinite(float(torch.sum(t, dtype=torch.float64 if t.dtype == torch.float64
-                                                        else torch.float32))):
+    """Raise NonFiniteError if ``t`` holds NaN/Inf. A sum is NaN/Inf whenever an element is, so the exact
+    (slower) count runs only then; a sum that merely overflows is a false alarm that the count clears."""
+    if t.numel() and not math.isfinite(float(t.sum())):
         bad = int((~torch.isfinite(t)).sum())
         if bad:
             raise NonFiniteError(name, where, bad)
