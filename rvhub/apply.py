@@ -193,10 +193,13 @@ def _apply_tensor(
     chunks = tgt.iter_chunks(job.name, chunk_elems)
     if job.source is None:
         for c in chunks:
-            w.write(c if c.dtype == out_dtype else c.to(out_dtype))
+            c = c if c.dtype == out_dtype else c.to(out_dtype)
+            if info.is_float:  # a model with NaN/Inf is broken whether or not the vector touched the tensor
+                check_finite(job.name, c, "target")
+            w.write(c)
         return
     work = work_dtype(info.dtype, vec.entries[job.source].source_dtype, job.spec.dtype)
-    row_elems = info.numel // info.shape[0] if info.shape else 1
+    row_elems = math.prod(info.shape[1:]) if info.shape else 1
     rows = info.shape[0] if info.shape else 1
     deltas = vec.delta_chunks(job.source, rows, row_elems, chunk_elems, scale, work)
     for c, d in zip(chunks, deltas, strict=True):

@@ -86,7 +86,9 @@ def _mb(n: int) -> str:
 
 @app.command()
 def extract(
-    from_model: Annotated[str, typer.Option("--from", help="The model v starts from (SFT): folder or org/name\\[@rev].")],
+    from_model: Annotated[
+        str, typer.Option("--from", help="The model v starts from (SFT): folder or org/name\\[@rev].")
+    ],
     to_model: Annotated[str, typer.Option("--to", help="The model v leads to (RL): folder or org/name\\[@rev].")],
     out: OutOpt,
     format: Annotated[

@@ -144,15 +144,15 @@ def extract(
     entries: list[TensorEntry] = []
     unchanged: list[str] = []
     total_bytes = sum(p.src.nbytes + p.dst.nbytes for p in pairs)
-    exact = sparse or dense_code == "F32"
+    # dense is exact in float32, or in the models' own dtype (fix-ups cover what it cannot hold)
+    exact = sparse or dense_code == "F32" or all(
+        p.src.dtype == p.dst.dtype == dense_code for p in pairs if p.dst.is_float
+    )
 
     with atomic_dir(out, overwrite) as tmp:
-        # room for the largest header a shard can get (every remaining tensor's entries), so shards are
-        # written in place and never copied; a few hundred KB of space padding at most
-        reserve = 256 + sum(5 * (len(json.dumps(p.name)) + 220) for p in pairs)
         writer = ShardedWriter(
             tmp, VECTOR_STEM, shard_bytes, metadata={"format": "rvhub-" + format},
-            header_reserve=reserve + (-reserve % 8),
+            header_reserve=_header_bound(pairs, sparse),
         )
         bar = progress_bar(total_bytes, f"extract {format}", progress, len(pairs))
         try:
@@ -197,6 +197,26 @@ def extract(
         model_bytes=model_bytes,
         seconds=round(time.perf_counter() - t0, 3),
     )
+
+
+def _header_bound(pairs: list[_Pair], sparse: bool) -> int:
+    """Bytes of the largest safetensors header a shard can need: every tensor's possible entries (mask,
+    values, dense, fix-ups) with their real name and shape lengths. Reserving it lets shards be written in
+    place, never copied; it costs a few hundred KB of header padding on a billion-parameter model."""
+    total = sum(p.dst.numel for p in pairs)
+    offsets = 2 * len(str(21 * total))  # no shard holds more than ~21 bytes per element (dense F32 + fix-ups)
+    entry = len('"":{"dtype":"BF16","shape":[],"data_offsets":[,]},') + offsets
+    size = 64
+    for p in pairs:
+        name = len(json.dumps(p.name)) - 2
+        dims = sum(len(str(s)) + 1 for s in p.dst.shape)
+        n = len(str(p.dst.numel))
+        if sparse:
+            size += 2 * (name + entry + n + 8)  # ::mask, ::values
+        else:
+            size += name + entry + dims
+        size += 3 * (name + entry + n + 11)  # ::fix_index, ::fix_hi, ::fix_lo
+    return size + (-size % 8)
 
 
 def _pinned(src: ModelSource) -> ModelRef:

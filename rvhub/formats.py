@@ -8,9 +8,10 @@ to`` after rounding (sign changes, values far from zero moved close to it) get `
 element index), ``NAME::fix_hi`` and ``NAME::fix_lo`` (float32): apply then computes
 ``(θ + α·hi) + α·lo``, which reproduces ``to`` from ``from`` exactly.
 
-dense: ``NAME`` holds the full delta in float32 (exact, with the same fix-ups) or a smaller dtype (lossy).
+dense: ``NAME`` holds the full delta of every float tensor (zeros for unchanged ones) in float32, or a
+smaller dtype; with fix-ups it is exact in float32 and in the models' own dtype, and lossy otherwise.
 
-Tensors equal in both models are omitted and listed in the card as unchanged.
+Sparse vectors omit tensors equal in both models; both formats list them in the card as unchanged.
 """
 
 from __future__ import annotations
@@ -192,7 +193,8 @@ class VectorFolder:
         vrows = entry.shape[0] if entry.shape else 1
         fix_idx, fix_hi, fix_lo = self._fixups(name, work)
         shape = (rows, *entry.shape[1:]) if entry.shape else ()
-        blocks = row_blocks(shape, chunk_elems) if entry.shape else [(0, 1)]
+        # one block for a scalar or an empty tensor, as ModelSource.iter_chunks yields one chunk for them
+        blocks = (row_blocks(shape, chunk_elems) if entry.shape else []) or [(0, rows if entry.shape else 1)]
         key = name + (MASK if self.sparse else "")
         offset = 0
         for a, b in blocks:

@@ -1,0 +1,90 @@
+"""Session fixtures: tiny seeded SFT/RL/TARGET trios (rvhub.toy) and vectors extracted from them.
+
+Tests never touch the network: the Hub is switched off before huggingface_hub is imported.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+# a private, empty Hub cache: nothing the user has cached can answer for a test's repo id
+os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="rvhub-tests-hf-cache-")
+os.environ["TOKENIZERS_PARALLELISM"] = "false"  # no fork warning from tokenizers in CLI subprocesses
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from bad_inputs import BadInputs, build_bad_inputs
+
+from rvhub.extract import extract
+from rvhub.toy import Trio, build_trio
+
+atexit.register(shutil.rmtree, os.environ["HF_HUB_CACHE"], True)
+
+TRIOS: dict[str, dict[str, Any]] = {
+    # adversarial: hard elements per matrix that need the formats' float32 fix-ups to stay exact
+    "qwen2_hard": dict(arch="qwen2", adversarial=4, seed=0),
+    "llama_hard": dict(arch="llama", adversarial=4, seed=10),
+    # no hard elements: θ_T + α·v has a plain float32 reference to compare against
+    "qwen2_plain": dict(arch="qwen2", seed=20),
+    "llama_plain": dict(arch="llama", seed=30),
+    # big enough (2.9 MB) that safetensors headers do not count in size ratios
+    "qwen2_wide": dict(arch="qwen2", seed=40, hidden=256, vocab=1024),
+}
+
+
+def _label_configs(trio: Trio) -> None:
+    """Give each config.json a role entry, so a test can tell whose config an output carries."""
+    for role in ("sft", "rl", "target"):
+        path = getattr(trio, role) / "config.json"
+        config = json.loads(path.read_text())
+        config["rvhub_test_role"] = role
+        path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+@pytest.fixture(scope="session")
+def trio(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Trio]:
+    """``trio(name)``: one of TRIOS, built once per session."""
+    built: dict[str, Trio] = {}
+
+    def get(name: str) -> Trio:
+        if name not in built:
+            built[name] = build_trio(tmp_path_factory.mktemp(name), **TRIOS[name])
+            _label_configs(built[name])
+        return built[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def vector(tmp_path_factory: pytest.TempPathFactory, trio: Callable[[str], Trio]) -> Callable[..., Path]:
+    """``vector(trio_name, format="sparse", **extract_options)``: v = RL − SFT, extracted once per session."""
+    built: dict[tuple[Any, ...], Path] = {}
+
+    def get(name: str, format: str = "sparse", **options: Any) -> Path:
+        key = (name, format, *sorted(options.items()))
+        if key not in built:
+            t = trio(name)
+            out = tmp_path_factory.mktemp(f"vec-{name}-{format}") / "vector"
+            extract(str(t.sft), str(t.rl), out, format=format, progress=False, **options)  # type: ignore[arg-type]
+            built[key] = out
+        return built[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def bad(
+    tmp_path_factory: pytest.TempPathFactory, trio: Callable[[str], Trio], vector: Callable[..., Path]
+) -> BadInputs:
+    """Broken and mismatched inputs, all derived from the plain qwen2 trio and its sparse vector."""
+    sharded = vector("qwen2_plain", max_shard_size="20KB")
+    return build_bad_inputs(tmp_path_factory.mktemp("bad"), trio("qwen2_plain"), vector("qwen2_plain"), sharded)
