@@ -28,8 +28,8 @@ import torch
 from ._io import ST_TO_TORCH
 from .card import VectorCard
 from .errors import CorruptFileError, ExactnessError, NonFiniteError, VectorFormatError
+from .sources import Reader, row_blocks
 from .sources import open_safetensors as _open
-from .sources import read_rows, row_blocks
 
 MASK, VALUES, FIX_INDEX, FIX_HI, FIX_LO = "::mask", "::values", "::fix_index", "::fix_hi", "::fix_lo"
 VECTOR_STEM = "vector"
@@ -147,6 +147,7 @@ class VectorFolder:
         self.card = VectorCard.read(folder)
         self.entries = {e.name: e for e in self.card.tensors}
         self._where: dict[str, Path] = {}
+        self._reader = Reader()
         index = folder / f"{VECTOR_STEM}.safetensors.index.json"
         if index.is_file():
             try:
@@ -174,7 +175,7 @@ class VectorFolder:
         return self.card.format == "sparse"
 
     def _get(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        return read_rows(self._where[key], key, rows)
+        return self._reader.read(self._where[key], key, rows)
 
     def _fixups(self, name: str, work: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if name + FIX_INDEX not in self._where:

@@ -76,6 +76,38 @@ class TensorInfo:
         return self.dtype in FLOAT_CODES
 
 
+class Reader:
+    """Reads tensors, or rows [a, b) of them, from safetensors files through ``safe_open``.
+
+    safe_open maps the file, and the pages a read touches stay resident while the handle is open. Opening
+    per read bounds memory but parses the header every time (~0.5 ms for a large model); so a handle is kept
+    and recycled after ``budget`` bytes read through it: resident memory stays bounded by the budget
+    whatever the model's size, and headers are parsed a handful of times per file.
+    """
+
+    def __init__(self, budget: int = 64 << 20):
+        self.budget = budget
+        self._open: dict[Path, list[Any]] = {}  # path -> [handle, bytes read through it]
+
+    def read(self, path: Path, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        slot = self._open.get(path)
+        if slot is None or slot[1] >= self.budget:
+            self.close(path)
+            slot = self._open[path] = [open_safetensors(path).__enter__(), 0]
+        try:
+            t: torch.Tensor = slot[0].get_tensor(name) if rows is None else slot[0].get_slice(name)[rows[0] : rows[1]]
+        except SafetensorError as e:
+            raise CorruptFileError(str(path), f"{name}: {e}") from e
+        slot[1] += t.numel() * t.element_size()
+        return t
+
+    def close(self, path: Path | None = None) -> None:
+        for p in [path] if path is not None else list(self._open):
+            slot = self._open.pop(p, None)
+            if slot is not None:
+                slot[0].__exit__(None, None, None)
+
+
 @dataclass
 class ModelSource:
     """An opened checkpoint: its tensors' headers, config and side files, read lazily."""
@@ -86,6 +118,7 @@ class ModelSource:
     config: dict[str, Any]
     weight_files: list[Path]
     _hash: _ContentHasher | None = field(default=None, repr=False)
+    _reader: Reader = field(default_factory=Reader, repr=False)
 
     @property
     def model_type(self) -> str | None:
@@ -113,7 +146,7 @@ class ModelSource:
         return [self.root / n for n in SIDE_FILES if (self.root / n).is_file()]
 
     def read(self, name: str) -> torch.Tensor:
-        return read_rows(self.tensors[name].file, name, None)
+        return self._reader.read(self.tensors[name].file, name)
 
     def iter_chunks(self, name: str, chunk_elems: int = CHUNK_ELEMS) -> Iterator[torch.Tensor]:
         """Yield the tensor flattened, in contiguous chunks of about ``chunk_elems`` elements.
@@ -126,10 +159,10 @@ class ModelSource:
         # at most chunk_elems elements can still span several blocks when its row is not a multiple of 8
         blocks = row_blocks(info.shape, chunk_elems) if info.shape and info.numel else []
         if len(blocks) <= 1:
-            yield read_rows(info.file, name, None).reshape(-1)
+            yield self._reader.read(info.file, name).reshape(-1)
             return
         for block in blocks:
-            yield read_rows(info.file, name, block).reshape(-1)
+            yield self._reader.read(info.file, name, block).reshape(-1)
 
     def content_sha256(self) -> str | None:
         return self._hash.result() if self._hash else None
@@ -188,20 +221,6 @@ class _ContentHasher:
             raise self._error
         assert self._value is not None
         return self._value
-
-
-def read_rows(path: Path, name: str, rows: tuple[int, int] | None) -> torch.Tensor:
-    """Read a tensor (or rows [a, b) of it) from a safetensors file, opening it for this read only.
-
-    safe_open maps the file; closing it after each read releases the mapped pages, so resident memory
-    stays at about one chunk however large the tensor or the model.
-    """
-    with open_safetensors(path) as f:
-        try:
-            t: torch.Tensor = f.get_tensor(name) if rows is None else f.get_slice(name)[rows[0] : rows[1]]
-        except SafetensorError as e:
-            raise CorruptFileError(str(path), f"{name}: {e}") from e
-    return t
 
 
 def open_safetensors(path: Path) -> Any:

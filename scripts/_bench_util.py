@@ -7,6 +7,7 @@ inside the functions that need them, so that importing this module stays cheap.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import shutil
@@ -25,11 +26,12 @@ if TYPE_CHECKING:
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ROLES = ("sft", "rl", "target")
-RECIPE_VERSION = 1  # bump when the synthetic weights change, to invalidate cached models
+RECIPE_VERSION = 2  # bump when the synthetic weights change, to invalidate cached models
 CHANGED_FRACTION = 0.2  # share of RL elements that differ from SFT
 TARGET_NOISE_STD = 0.002
 INIT_STD = 0.02
 MIB = 1024 * 1024
+QWEN_EOS_ID = 151643
 
 # Runs the measured command as its own child and reports the child's wall time and peak RSS. A lean
 # launcher is needed because Linux carries the forking process's peak RSS into its child's ru_maxrss
@@ -43,7 +45,8 @@ with open(log, "wb") as out:
     child = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     _, status, usage = os.wait4(child.pid, 0)
     wall = time.perf_counter() - start
-print(json.dumps({"wall_s": wall, "maxrss_kib": usage.ru_maxrss, "status": os.waitstatus_to_exitcode(status)}))
+code = os.waitstatus_to_exitcode(status)
+print(json.dumps({"wall_s": wall, "maxrss_kib": usage.ru_maxrss, "status": code}))
 """
 
 
@@ -88,13 +91,7 @@ class Shape:
         return specs
 
     def n_params(self) -> int:
-        n = 0
-        for _, dims in self.tensor_specs():
-            size = 1
-            for d in dims:
-                size *= d
-            n += size
-        return n
+        return sum(math.prod(dims) for _, dims in self.tensor_specs())
 
 
 SHAPES = {
@@ -141,10 +138,12 @@ def _rl_tensor(sft: torch.Tensor, seed: int) -> torch.Tensor:
 
     g = _generator(seed)
     n = sft.numel()
+    bits = sft.reshape(-1).view(torch.int16)
     changed = torch.rand(n, generator=g) < CHANGED_FRACTION
+    changed &= (bits & 0x7FFF) >= 3  # leave (near-)zeros alone: a step past ±0 would wrap to a NaN pattern
     steps = torch.randint(1, 4, (n,), generator=g, dtype=torch.int16)
     steps *= torch.randint(0, 2, (n,), generator=g, dtype=torch.int16) * 2 - 1
-    bits = sft.reshape(-1).view(torch.int16) + steps * changed
+    bits = bits + steps * changed
     rl = bits.view(torch.bfloat16).reshape(sft.shape)
     if not torch.isfinite(rl).all():
         raise RuntimeError("perturbing the bit patterns produced a non-finite value")
@@ -165,6 +164,7 @@ def _write_hf_folder(folder: Path, shape: Shape, tensors: dict[str, torch.Tensor
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True)
+    special = min(QWEN_EOS_ID, shape.vocab - 1)  # Qwen2.5's <|endoftext|>, kept inside a tiny vocabulary
     transformers.Qwen2Config(
         vocab_size=shape.vocab,
         hidden_size=shape.hidden,
@@ -179,13 +179,13 @@ def _write_hf_folder(folder: Path, shape: Shape, tensors: dict[str, torch.Tensor
         hidden_act="silu",
         tie_word_embeddings=True,
         use_sliding_window=False,
-        bos_token_id=151643,
-        eos_token_id=151643,
+        bos_token_id=special,
+        eos_token_id=special,
         dtype="bfloat16",
         architectures=["Qwen2ForCausalLM"],
     ).save_pretrained(folder)
     transformers.GenerationConfig(
-        bos_token_id=151643, eos_token_id=151643, do_sample=False, max_new_tokens=2048
+        bos_token_id=special, eos_token_id=special, do_sample=False, max_new_tokens=2048
     ).save_pretrained(folder)
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
@@ -206,12 +206,13 @@ def build_trio(shape: Shape, models_dir: Path, seed: int = 0) -> Trio:
     remove(scratch)
     remove(final)
     specs = shape.tensor_specs()
-    sft = {name: _sft_tensor(name, dims, seed * 1_000_003 + 3 * i) for i, (name, dims) in enumerate(specs)}
+    seeds = [seed * 1_000_003 + 3 * i for i in range(len(specs))]  # one stream per tensor and role
+    sft = {name: _sft_tensor(name, dims, s) for (name, dims), s in zip(specs, seeds, strict=True)}
     _write_hf_folder(scratch / "sft", shape, sft)
-    rl = {name: _rl_tensor(sft[name], seed * 1_000_003 + 3 * i + 1) for i, (name, _) in enumerate(specs)}
+    rl = {name: _rl_tensor(sft[name], s + 1) for (name, _), s in zip(specs, seeds, strict=True)}
     _write_hf_folder(scratch / "rl", shape, rl)
     del rl
-    target = {name: _target_tensor(sft[name], seed * 1_000_003 + 3 * i + 2) for i, (name, _) in enumerate(specs)}
+    target = {name: _target_tensor(sft[name], s + 2) for (name, _), s in zip(specs, seeds, strict=True)}
     _write_hf_folder(scratch / "target", shape, target)
     (scratch / "recipe.json").write_text(json.dumps(recipe))
     scratch.rename(final)
@@ -283,7 +284,7 @@ def run_once(cmd: Sequence[str], log: Path) -> Measurement:
     stats: dict[str, Any] = json.loads(res.stdout)
     if stats["status"] != 0:
         tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-30:])
-        raise RuntimeError(f"command failed with exit code {stats['status']}: {' '.join(map(str, cmd))}\n{tail}")
+        raise RuntimeError(f"exit code {stats['status']} from {' '.join(map(str, cmd))}\n{tail}")
     return Measurement(stats["wall_s"], stats["maxrss_kib"] * 1024 / 1e6)
 
 
@@ -352,6 +353,8 @@ def _iter_pairs(a: Path, b: Path) -> Iterator[tuple[str, torch.Tensor | None, to
 
 def compare_checkpoints(a: Path, b: Path) -> Comparison:
     """Compare two checkpoints bit for bit; count differing elements and the largest |a - b|."""
+    import torch
+
     n_diff = n_total = 0
     max_abs = 0.0
     mismatched: list[str] = []
@@ -361,8 +364,6 @@ def compare_checkpoints(a: Path, b: Path) -> Comparison:
             continue
         n_total += ta.numel()
         if ta.element_size() == 2:
-            import torch
-
             differs = ta.view(torch.int16) != tb.view(torch.int16)
         else:
             differs = ta != tb
@@ -398,12 +399,22 @@ def package_version(name: str, python: Path | str | None = None) -> str:
     return res.stdout.strip() if res.returncode == 0 else "not installed"
 
 
+def git_state() -> str:
+    """Commit of the repository, marked when the working tree has uncommitted changes."""
+    def git(*args: str) -> str:
+        res = subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True)
+        return res.stdout.strip() if res.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown commit"
+    return commit + (" + uncommitted changes" if git("status", "--porcelain") else "")
+
+
 def md_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     """A Markdown table, numeric-looking columns right-aligned."""
-    rows = [list(r) for r in rows]
-    align = ["---:" if i and all(_numeric(r[i]) for r in rows) else "---" for i in range(len(headers))]
+    body = [list(r) for r in rows]
+    align = ["---:" if i and all(_numeric(r[i]) for r in body) else "---" for i in range(len(headers))]
     lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(align) + " |"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += ["| " + " | ".join(r) + " |" for r in body]
     return "\n".join(lines)
 
 

@@ -11,6 +11,7 @@ the report goes between this script's markers in --out and to stdout.
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from _bench_util import (
     Shape,
     build_trio,
     compare_checkpoints,
+    git_state,
     machine_info,
     md_table,
     measure,
@@ -69,7 +71,10 @@ def load(folder):
 
 sft, rl, target = load(sys.argv[1]), load(sys.argv[2]), load(sys.argv[3])
 out, alpha = Path(sys.argv[4]), float(sys.argv[5])
-merged = {n: (t.float() + alpha * (rl[n].float() - sft[n].float())).to(torch.bfloat16) for n, t in target.items()}
+merged = {
+    name: (t.float() + alpha * (rl[name].float() - sft[name].float())).to(torch.bfloat16)
+    for name, t in target.items()
+}
 out.mkdir(parents=True)
 save_file(merged, str(out / "model.safetensors"), metadata={"format": "pt"})
 '''
@@ -118,6 +123,14 @@ class Bench:
     @property
     def helpers(self) -> Path:
         return self.work / "helpers"
+
+    @property
+    def naive_script(self) -> Path:
+        return self.helpers / "naive_merge.py"
+
+    @property
+    def floor_script(self) -> Path:
+        return self.helpers / "io_floor.py"
 
     def log(self, shape: Shape, step: str) -> Path:
         return self.work / "logs" / f"{shape.name}-{step}.log"
@@ -168,24 +181,25 @@ def ensure_mergekit(venv: Path) -> Path:
     return exe
 
 
-def write_helpers(folder: Path) -> tuple[Path, Path]:
-    """Write the naive-merge and IO-floor scripts run as subprocesses."""
-    folder.mkdir(parents=True, exist_ok=True)
-    naive, floor = folder / "naive_merge.py", folder / "io_floor.py"
-    naive.write_text(NAIVE_SCRIPT)
-    floor.write_text(IO_FLOOR_SCRIPT)
-    return naive, floor
+def write_helpers(bench: Bench) -> None:
+    """Write the naive-merge and IO-floor scripts that run as subprocesses."""
+    bench.helpers.mkdir(parents=True, exist_ok=True)
+    bench.naive_script.write_text(NAIVE_SCRIPT)
+    bench.floor_script.write_text(IO_FLOOR_SCRIPT)
 
 
 def mergekit_config(sft: Path, rl: Path, target: Path) -> str:
     """task_arithmetic: SFT + α(RL − SFT) + (TARGET − SFT) = TARGET + α(RL − SFT)."""
+    def q(path: Path) -> str:
+        return json.dumps(str(path))  # a JSON string is a valid double-quoted YAML scalar
+
     return (
         "merge_method: task_arithmetic\n"
-        f"base_model: {sft}\n"
+        f"base_model: {q(sft)}\n"
         "models:\n"
-        f"  - model: {rl}\n"
+        f"  - model: {q(rl)}\n"
         f"    parameters: {{weight: {ALPHA}}}\n"
-        f"  - model: {target}\n"
+        f"  - model: {q(target)}\n"
         "    parameters: {weight: 1.0}\n"
         "dtype: float32\n"
         "out_dtype: bfloat16\n"
@@ -201,16 +215,16 @@ def run_shape(bench: Bench, shape: Shape) -> ShapeResult:
     trio = build_trio(shape, bench.work / "models")
     result = ShapeResult(shape, sum(f.stat().st_size for f in safetensors_files(trio.sft)))
     runs = bench.run_dir(shape)
+    remove(runs)
     vec, out_a, out_b, out_c = (runs / n for n in ("vector", "out_rvhub", "out_mergekit", "out_naive"))
-    naive, floor = write_helpers(bench.helpers)
-    py = sys.executable
+    py, naive, floor = sys.executable, bench.naive_script, bench.floor_script
 
     def step(row: str, cmd: Sequence[str | Path], inputs: Sequence[Path], outputs: Sequence[Path]) -> None:
         print(f"[{shape.name}] {row} ...", flush=True)
         tag = row.split(") ", 1)[1].replace(" ", "_").replace("+", "_")
-        result.timings[row] = measure([str(c) for c in cmd], bench.log(shape, tag), bench.reps, inputs, outputs)
-        print(f"[{shape.name}] {row}: {result.timings[row].wall_s:.2f} s, "
-              f"{result.timings[row].peak_rss_mb:.0f} MB", flush=True)
+        m = measure([str(c) for c in cmd], bench.log(shape, tag), bench.reps, inputs, outputs)
+        result.timings[row] = m
+        print(f"[{shape.name}] {row}: {m.wall_s:.2f} s, {m.peak_rss_mb:.0f} MB", flush=True)
 
     if bench.rvhub:
         rv = bench.rvhub
@@ -220,12 +234,12 @@ def run_shape(bench: Bench, shape: Shape) -> ShapeResult:
                      "--json"], [vec, trio.target], [out_a])
         result.timings[RVHUB] = Measurement.combine([result.timings[EXTRACT], result.timings[APPLY]])
         result.vector_bytes = tree_size(vec)
-        result.exact = check_exact(bench, shape, vec, trio.sft, trio.rl)
+        result.exact = check_exact(rv, vec, trio.sft, trio.rl, runs / "out_exact", bench.log(shape, "exact"))
         step(FLOOR_APPLY, [py, floor, runs / "floor", trio.target, vec], [trio.target, vec], [runs / "floor"])
     step(FLOOR_BOTH, [py, floor, runs / "floor", trio.target, trio.sft, trio.rl],
          [trio.target, trio.sft, trio.rl], [runs / "floor"])
     remove(runs / "floor")
-    step(NAIVE, [py, naive, trio.sft, trio.rl, trio.target, out_c, ALPHA], [trio.sft, trio.rl, trio.target],
+    step(NAIVE, [py, naive, trio.sft, trio.rl, trio.target, out_c, str(ALPHA)], [trio.sft, trio.rl, trio.target],
          [out_c])
     config = bench.helpers / f"mergekit-{shape.name}.yml"
     config.write_text(mergekit_config(trio.sft, trio.rl, trio.target))
@@ -235,19 +249,18 @@ def run_shape(bench: Bench, shape: Shape) -> ShapeResult:
     print(f"[{shape.name}] comparing outputs ...", flush=True)
     pairs = [("(b) mergekit vs (c) naive torch", out_b, out_c)]
     if bench.rvhub:
-        pairs = [("(a) rvhub vs (c) naive torch", out_a, out_c), *pairs, ("(a) rvhub vs (b) mergekit", out_a, out_b)]
+        pairs.insert(0, ("(a) rvhub vs (c) naive torch", out_a, out_c))
+        pairs.append(("(a) rvhub vs (b) mergekit", out_a, out_b))
     result.comparisons = {label: compare_checkpoints(x, y) for label, x, y in pairs}
     remove(runs)
     return result
 
 
-def check_exact(bench: Bench, shape: Shape, vec: Path, sft: Path, rl: Path) -> Comparison:
+def check_exact(rvhub: Path, vec: Path, sft: Path, rl: Path, out: Path, log: Path) -> Comparison:
     """Apply the vector to SFT (α = 1) and compare with RL bit for bit."""
-    out = bench.run_dir(shape) / "out_exact"
     remove(out)
-    assert bench.rvhub is not None
-    run_once([str(bench.rvhub), "apply", str(vec), "--base", str(sft), "-o", str(out), "--scale", "1.0",
-              "--quiet", "--json"], bench.log(shape, "apply_to_sft"))
+    run_once([str(rvhub), "apply", str(vec), "--base", str(sft), "-o", str(out), "--scale", "1.0", "--quiet",
+              "--json"], log)
     comparison = compare_checkpoints(out, rl)
     remove(out)
     return comparison
@@ -257,8 +270,8 @@ def check_exact(bench: Bench, shape: Shape, vec: Path, sft: Path, rl: Path) -> C
 
 
 def shape_title(r: ShapeResult) -> str:
-    return (f"Qwen2.5-{r.shape.name.upper()} shape" if r.shape.name != "tiny" else "tiny self-test shape") + (
-        f" ({r.shape.n_params() / 1e6:,.0f}M parameters, bf16 model.safetensors {r.model_bytes / 1e6:,.0f} MB)")
+    name = "tiny self-test shape" if r.shape.name == "tiny" else f"Qwen2.5-{r.shape.name.upper()} shape"
+    return f"{name} ({r.shape.n_params() / 1e6:,.1f}M parameters, bf16 weights {r.model_bytes / 1e6:,.1f} MB)"
 
 
 def timing_table(r: ShapeResult, skip_reason: str) -> str:
@@ -290,36 +303,37 @@ def ratio(r: ShapeResult, slow: str, fast: str) -> float | None:
     return a.wall_s / b.wall_s if a and b else None
 
 
-def verdict(ok: bool | None, value: str) -> str:
-    return "n/a" if ok is None else f"{'pass' if ok else 'FAIL'} ({value})"
+def verdict(value: float | None, limit: float, at_least: bool, fmt: str) -> str:
+    if value is None:
+        return "n/a"
+    ok = value >= limit if at_least else value <= limit
+    return f"{'pass' if ok else 'FAIL'} ({fmt.format(value)})"
 
 
 def target_rows(results: Sequence[ShapeResult]) -> list[list[str]]:
     """The issue's targets, with pass/fail computed from the measurements."""
     rows = []
     for r in results:
-        ea, ap = ratio(r, MERGEKIT, RVHUB), ratio(r, MERGEKIT, APPLY)
-        floor = ratio(r, APPLY, FLOOR_APPLY)
-        rss = r.timings.get(RVHUB)
+        n = r.shape.name
+        rss = r.timings[RVHUB].peak_rss_mb if RVHUB in r.timings else None
         vec = r.vector_bytes / r.model_bytes if r.vector_bytes is not None else None
-        name = r.shape.name
+        x = "{:.2f}×"
         rows += [
-            [f"{name}: extract+apply ≥ 2× faster than mergekit", verdict(ea and ea >= 2, f"{ea or 0:.2f}×")],
-            [f"{name}: apply alone ≥ 3× faster than mergekit", verdict(ap and ap >= 3, f"{ap or 0:.2f}×")],
-            [f"{name}: apply ≤ 2.5× the IO floor (apply)", verdict(floor and floor <= 2.5, f"{floor or 0:.2f}×")],
-            [f"{name}: rvhub peak RSS ≤ 1.5 GB",
-             verdict(rss and rss.peak_rss_mb <= RSS_LIMIT_MB, f"{rss.peak_rss_mb if rss else 0:,.0f} MB")],
-            [f"{name}: sparse vector ≤ 0.35× the bf16 model", verdict(vec and vec <= 0.35, f"{vec or 0:.3f}×")],
+            [f"{n}: extract+apply ≥ 2× faster than mergekit", verdict(ratio(r, MERGEKIT, RVHUB), 2, True, x)],
+            [f"{n}: apply alone ≥ 3× faster than mergekit", verdict(ratio(r, MERGEKIT, APPLY), 3, True, x)],
+            [f"{n}: apply ≤ 2.5× the IO floor (apply)", verdict(ratio(r, APPLY, FLOOR_APPLY), 2.5, False, x)],
+            [f"{n}: rvhub peak RSS ≤ 1.5 GB", verdict(rss, RSS_LIMIT_MB, False, "{:,.0f} MB")],
+            [f"{n}: sparse vector ≤ 0.35× the bf16 model", verdict(vec, 0.35, False, "{:.3f}×")],
         ]
+    label = "rvhub peak RSS within 20% between 0.5b and 1.5b"
     rss_by_shape = {r.shape.name: r.timings[RVHUB].peak_rss_mb for r in results if RVHUB in r.timings}
     if {"0.5b", "1.5b"} <= rss_by_shape.keys():
         small, large = rss_by_shape["0.5b"], rss_by_shape["1.5b"]
         growth = max(small, large) / min(small, large)
-        rows.append(["rvhub peak RSS within 20% between 0.5b and 1.5b",
-                     verdict(growth <= 1.2, f"{small:,.0f} → {large:,.0f} MB, {growth:.2f}×")])
+        rows.append([label, verdict(growth, 1.2, False, f"{small:,.0f} → {large:,.0f} MB, {{:.2f}}×")])
     else:
-        rows.append(["rvhub peak RSS within 20% between 0.5b and 1.5b", "n/a (needs both shapes measured)"])
-    return [[t, v] for t, v in rows]
+        rows.append([label, "n/a (needs both shapes measured)"])
+    return rows
 
 
 def render(results: Sequence[ShapeResult], bench: Bench, command: str, rvhub_note: str) -> str:
@@ -328,7 +342,6 @@ def render(results: Sequence[ShapeResult], bench: Bench, command: str, rvhub_not
     mk_versions = ", ".join(f"{p} {package_version(p, mk_python)}"
                             for p in ("mergekit", "torch", "transformers", "safetensors"))
     here = ", ".join(f"{p} {package_version(p)}" for p in ("torch", "safetensors", "transformers", "numpy"))
-    first = results[0].shape.name
     parts = [
         "## rvhub extract/apply vs mergekit task_arithmetic",
         "",
@@ -353,13 +366,14 @@ def render(results: Sequence[ShapeResult], bench: Bench, command: str, rvhub_not
         " from `wait4` (mapped file pages that were touched count too; ~11 MB is the launcher's floor)."
         f" Wall time is the median of {bench.reps} run(s), RSS the max. \"vs mergekit\" = mergekit wall /"
         " step wall (> 1 is faster than mergekit). The IO floor reads each input tensor once with"
-        " safetensors (`safe_open` + `get_tensor`) and writes one model-size file with `save_file`.",
+        " safetensors (`safe_open` + `get_tensor`; tensors it does not write are also `.clone()`d, because"
+        " `get_tensor` maps the file lazily) and writes one model-size file with `save_file`.",
     ]
     skip = "skipped: rvhub not found" if bench.rvhub is None else ""
     for r in results:
         parts += ["", f"### {shape_title(r)}", "", timing_table(r, skip), "", *equality_lines(r)]
     parts += ["", "### Targets", "", md_table(["target", "result"], target_rows(results))]
-    if first == "tiny":
+    if any(r.shape.name == "tiny" for r in results):
         parts += ["", "_Tiny self-test shape: timings are dominated by start-up and mean nothing._"]
     return "\n".join(parts) + "\n"
 
@@ -372,11 +386,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     work: Path = args.work.resolve()
     rvhub = args.rvhub.resolve() if args.rvhub.exists() else None
     if rvhub:
-        rvhub_note = f"{package_version('rvhub', rvhub.parent / 'python')} ({rvhub})"
+        rvhub_note = f"{package_version('rvhub', rvhub.parent / 'python')} ({rvhub}), source {git_state()}"
     else:
-        rvhub_note = f"not found at {args.rvhub}: steps (a), (d) IO floor apply and the (a) comparisons skipped"
+        rvhub_note = f"not found at {args.rvhub}: (a), (d) IO floor apply and (a)'s comparisons skipped"
         print(f"warning: {rvhub_note}", file=sys.stderr)
     bench = Bench(work, args.reps, rvhub, ensure_mergekit(work / "mergekit-venv"))
+    write_helpers(bench)
     results = [run_shape(bench, SHAPES[name]) for name in args.shapes.split(",")]
     command = shlex.join(["python", "scripts/bench_extract_apply.py", *(argv or sys.argv[1:])])
     report = render(results, bench, command, rvhub_note)
