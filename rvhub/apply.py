@@ -203,7 +203,7 @@ def _apply_tensor(
     rows = info.shape[0] if info.shape else 1
     deltas = vec.delta_chunks(job.source, rows, row_elems, chunk_elems, scale, work)
     for c, d in zip(chunks, deltas, strict=True):
-        acc = c.to(dev, work)
+        acc = c.to(dev, work, copy=True)  # never add in place into a tensor that may map the target file
         d.add_to(acc)
         res = acc.to(out_dtype)
         check_finite(job.name, res, "target or vector, after applying")

@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._io import ST_TO_TORCH
 from .card import VectorCard
 from .errors import CorruptFileError, ExactnessError, NonFiniteError, VectorFormatError
 from .sources import Reader, row_blocks
@@ -209,10 +208,11 @@ class VectorFolder:
                 bits = unpack_bits(self._get(key, (lo // 8, (hi + 7) // 8)).numpy(), m)
                 index = torch.from_numpy(np.flatnonzero(bits))
                 k = int(index.numel())
-                values = self._get(name + VALUES, (offset, offset + k)).to(work)
+                values = self._get(name + VALUES, (offset, offset + k)).to(work, copy=True)
                 offset += k
             else:
-                values = self._get(key, (a, end) if entry.shape else None).reshape(-1).to(work)
+                # copy: a tensor read from safetensors may share the file's mapping, and is changed below
+                values = self._get(key, (a, end) if entry.shape else None).reshape(-1).to(work, copy=True)
             pos = torch.empty(0, dtype=torch.int64)
             flo = torch.empty(0, dtype=work)
             if fix_idx.numel() and m > 0:
@@ -228,6 +228,3 @@ class VectorFolder:
                 flo = flo * scale
             yield DeltaChunk(index, values, pos, flo)
 
-
-def torch_dtype(code: str) -> torch.dtype:
-    return ST_TO_TORCH[code]

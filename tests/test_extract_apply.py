@@ -437,3 +437,29 @@ def test_any_finite_pair_round_trips_exactly(pair):
         out = _apply(root / "v", root / "a", root / "out", chunk_elems=64)["w"]
     same = (bits(out) == bits(t)) | ((out == 0) & (t == 0))
     assert bool(same.all()), f"{int((~same).sum())} wrong: from {f[~same][:5]} to {t[~same][:5]} got {out[~same][:5]}"
+
+
+# ---------------------------------------------------------------- float32 models
+
+
+def test_float32_models_are_exact_and_never_written_through(trio, tmp_path):
+    """float32 differences are not always exact in float32: the fix-ups cover them. A float32 target is
+    read through safetensors' file mapping, so apply must never add in place into what it read."""
+    t = trio("llama_hard")
+    f32 = {}
+    for name in ("sft", "rl", "target"):
+        tensors = {k: v.float() for k, v in load_tensors(getattr(t, name)).items()}
+        f32[name] = write_model(getattr(t, name), tmp_path / name, tensors, dtype="float32")
+    target_file = f32["target"] / "model.safetensors"
+    before = hashlib.sha256(target_file.read_bytes()).hexdigest()
+
+    result = extract(str(f32["sft"]), str(f32["rl"]), tmp_path / "v", progress=False)
+    assert result.exact and result.fixups > 0
+    out = _apply(tmp_path / "v", f32["sft"], tmp_path / "exact")
+    assert_bitwise_equal(out, load_tensors(f32["rl"]), "float32 SFT + v")
+
+    half = _apply(tmp_path / "v", f32["target"], tmp_path / "half", scale=0.5)
+    expected = expected_apply(load_tensors(f32["target"]), load_tensors(f32["sft"]), load_tensors(f32["rl"]), 0.5)
+    for k, v in expected.items():  # equal but for fix-up elements, where rvhub adds the exact hi + lo parts
+        assert torch.allclose(half[k], v, rtol=1e-6, atol=1e-9), k
+    assert hashlib.sha256(target_file.read_bytes()).hexdigest() == before
