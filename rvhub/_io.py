@@ -139,6 +139,7 @@ class SafetensorsFileWriter:
         self._pending, self._left = spec, spec.nbytes
 
     def write(self, chunk: torch.Tensor | np.ndarray | bytes | memoryview) -> None:
+        check_stop()
         data = tensor_bytes(chunk) if isinstance(chunk, torch.Tensor) else memoryview(chunk).cast("B")  # type: ignore[arg-type]
         if len(data) > self._left:
             raise RuntimeError(f"too many bytes for {self._pending}")
@@ -316,6 +317,13 @@ class ShardedWriter:
         if self._cur is not None:
             self._cur.abort()
 
+    def __enter__(self) -> ShardedWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is not None:  # the caller's atomic_dir removes the half-written folder
+            self.abort()
+
 
 def _split(plan: Sequence[TensorSpec], max_bytes: int) -> list[list[TensorSpec]]:
     shards: list[list[TensorSpec]] = [[]]
@@ -366,6 +374,29 @@ def parse_size(text: str | int) -> int:
     if value <= 0:
         raise InvalidOptionError("size", text, "must be positive")
     return int(value)
+
+
+# ---------------------------------------------------------------- stopping at a safe point
+
+_STOP: list[int] = []  # the signal that asked us to stop, if any
+
+
+class Interrupted(BaseException):
+    """Raised at the next chunk after a stop was requested (SIGINT/SIGTERM in the CLI)."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"interrupted by signal {signum}")
+
+
+def request_stop(signum: int) -> None:
+    """Ask running work to stop at its next chunk (safe to call from a signal handler)."""
+    _STOP.append(signum)
+
+
+def check_stop() -> None:
+    if _STOP:
+        raise Interrupted(_STOP[0])
 
 
 # ---------------------------------------------------------------- atomic output folders

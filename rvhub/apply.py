@@ -154,21 +154,16 @@ def apply(
     total = sum(tgt.tensors[j.name].nbytes for j in jobs)
 
     with atomic_dir(out, overwrite) as tmp:
-        writer = ShardedWriter(
-            tmp, "model", shard_bytes, metadata={"format": "pt"},
-            plan=[j.spec for j in jobs], index_metadata={"total_parameters": n_params},
-        )
-        bar = progress_bar(total, f"apply α={scale:g}", progress, len(jobs))
-        try:
+        plan = [j.spec for j in jobs]
+        meta = {"total_parameters": n_params}
+        with (
+            ShardedWriter(tmp, "model", shard_bytes, {"format": "pt"}, plan, meta) as writer,
+            progress_bar(total, f"apply α={scale:g}", progress, len(jobs)) as bar,
+        ):
             for job in jobs:
                 _apply_tensor(job, vec, tgt, writer, scale, dev, chunk_elems)
                 tensor_done(bar, tgt.tensors[job.name].nbytes)
             names = writer.close()
-        except BaseException:
-            writer.abort()
-            raise
-        finally:
-            bar.close()
         _copy_side_files(tgt, tmp, out_code)
         output_bytes = sum((tmp / n).stat().st_size for n in names)
     return ApplyResult(

@@ -17,6 +17,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from . import __version__
+from ._io import Interrupted, request_stop
 from .errors import RvhubError
 
 app = typer.Typer(
@@ -55,7 +56,10 @@ T = TypeVar("T")
 def _run(debug: bool, json_out: bool, call: Callable[[], T], human: Callable[[T], str]) -> None:
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s", stream=sys.stderr)
     debug = debug or os.environ.get("RVHUB_DEBUG", "") not in ("", "0")
-    signal.signal(signal.SIGTERM, _terminate)  # so a terminated run removes its temporary output
+    # Ctrl-C and SIGTERM stop the work at the next chunk (an exception raised inside a library call could
+    # come out as another error); the temporary output is then removed and OUT left as it was
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: request_stop(signum))
     try:
         result = call()
     except RvhubError as e:
@@ -63,17 +67,13 @@ def _run(debug: bool, json_out: bool, call: Callable[[], T], human: Callable[[T]
             traceback.print_exc()
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
-    except KeyboardInterrupt:
+    except (Interrupted, KeyboardInterrupt) as e:
         typer.echo("interrupted; nothing was written", err=True)
-        raise typer.Exit(130) from None
+        raise typer.Exit(128 + (e.signum if isinstance(e, Interrupted) else signal.SIGINT)) from None
     if json_out:
         typer.echo(json.dumps(_to_dict(result), indent=2))
     else:
         typer.echo(human(result))
-
-
-def _terminate(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)
 
 
 def _to_dict(result: Any) -> Any:

@@ -152,12 +152,11 @@ def extract(
     )
 
     with atomic_dir(out, overwrite) as tmp, _one_torch_thread():
-        writer = ShardedWriter(
-            tmp, VECTOR_STEM, shard_bytes, metadata={"format": "rvhub-" + format},
-            header_reserve=_header_bound(pairs, sparse),
-        )
-        bar = progress_bar(total_bytes, f"extract {format}", progress, len(pairs))
-        try:
+        meta, reserve = {"format": f"rvhub-{format}"}, _header_bound(pairs, sparse)
+        with (
+            ShardedWriter(tmp, VECTOR_STEM, shard_bytes, meta, header_reserve=reserve) as writer,
+            progress_bar(total_bytes, f"extract {format}", progress, len(pairs)) as bar,
+        ):
             for p in pairs:
                 entry = _extract_tensor(p, src_from, src_to, writer, sparse, dense_code, exact, chunk_elems)
                 if entry is not None:  # dense vectors keep unchanged tensors (as zeros) too
@@ -166,11 +165,6 @@ def extract(
                     unchanged.append(p.name)
                 tensor_done(bar, p.src.nbytes + p.dst.nbytes)
             names = writer.close()
-        except BaseException:
-            writer.abort()
-            raise
-        finally:
-            bar.close()
         files = [FileEntry(path=n, size=(tmp / n).stat().st_size, sha256=sha256_file(tmp / n)) for n in names]
         card = VectorCard(
             format=format,

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ._io import FLOAT_CODES, ST_TO_TORCH, nbytes, sha256_file
+from ._io import FLOAT_CODES, ST_TO_TORCH, check_stop, nbytes, sha256_file
 from .card import ModelRef
 from .errors import CorruptFileError, ModelNotFoundError, PickleOnlyError
 
@@ -159,9 +159,11 @@ class ModelSource:
         # at most chunk_elems elements can still span several blocks when its row is not a multiple of 8
         blocks = row_blocks(info.shape, chunk_elems) if info.shape and info.numel else []
         if len(blocks) <= 1:
+            check_stop()
             yield self._reader.read(info.file, name).reshape(-1)
             return
         for block in blocks:
+            check_stop()
             yield self._reader.read(info.file, name, block).reshape(-1)
 
     def content_sha256(self) -> str | None:
