@@ -1,3 +1,58 @@
-"""rvhub: extract, compress, publish and apply reasoning vectors (v = θ_RL − θ_SFT)."""
+"""rvhub: extract, compress, publish and apply reasoning vectors (v = θ_RL − θ_SFT).
+
+The public API is importable from here; heavy modules (torch) load on first use, so ``rvhub --help``
+stays fast. The commands' functions are also in their modules: ``rvhub.extract.extract``,
+``rvhub.apply.apply`` (here ``extract_vector`` and ``apply_vector``: a package attribute named like one of
+its submodules would be replaced by the submodule once it is imported).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "extract_vector",
+    "ExtractResult",
+    "apply_vector",
+    "ApplyResult",
+    "open_model",
+    "ModelSource",
+    "VectorFolder",
+    "VectorCard",
+    "ModelRef",
+    "RvhubError",
+]
+
+_EXPORTS = {  # public name -> (module, name there)
+    "extract_vector": ("rvhub.extract", "extract"),
+    "ExtractResult": ("rvhub.extract", "ExtractResult"),
+    "apply_vector": ("rvhub.apply", "apply"),
+    "ApplyResult": ("rvhub.apply", "ApplyResult"),
+    "open_model": ("rvhub.sources", "open_model"),
+    "ModelSource": ("rvhub.sources", "ModelSource"),
+    "VectorFolder": ("rvhub.formats", "VectorFolder"),
+    "VectorCard": ("rvhub.card", "VectorCard"),
+    "ModelRef": ("rvhub.card", "ModelRef"),
+    "RvhubError": ("rvhub.errors", "RvhubError"),
+}
+
+if TYPE_CHECKING:
+    from .apply import ApplyResult
+    from .apply import apply as apply_vector
+    from .card import ModelRef, VectorCard
+    from .errors import RvhubError
+    from .extract import ExtractResult
+    from .extract import extract as extract_vector
+    from .formats import VectorFolder
+    from .sources import ModelSource, open_model
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        module, attr = _EXPORTS[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'rvhub' has no attribute {name!r}")
