@@ -1,6 +1,6 @@
 # Two entry points: `make demo` (the main job, end to end, offline) and `make test`.
 # Both create .venv and install what they need. For a CUDA build of torch:
-#   make test TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+#   make test TORCH="torch==2.13.0 --index-url <your CUDA wheel index>"
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
 VENV := .venv
