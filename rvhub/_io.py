@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import struct
@@ -59,10 +60,7 @@ ITEMSIZE: dict[str, int] = {k: v.itemsize for k, v in ST_TO_TORCH.items()}
 
 
 def nbytes(code: str, shape: Sequence[int]) -> int:
-    n = ITEMSIZE[code]
-    for s in shape:
-        n *= s
-    return n
+    return ITEMSIZE[code] * math.prod(shape)
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -103,7 +101,8 @@ class SafetensorsFileWriter:
     """Writes one safetensors file tensor by tensor, chunk by chunk, without holding a tensor in memory.
 
     With ``plan`` (every entry known up front) the header goes first and data streams straight into place.
-    Without it, data streams to a side file and the header is prepended on ``close``.
+    Without it, data is written after ``reserve`` bytes left for the header, which ``close`` fills in
+    (space-padded); only a header that does not fit there makes ``close`` move the data behind it.
     """
 
     def __init__(
@@ -120,14 +119,11 @@ class SafetensorsFileWriter:
         self._left = 0
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="rvhub-write")
         self._inflight: collections.deque[Future[int]] = collections.deque()
+        self._fh = open(path, "wb")
         if self.plan is not None:
-            self._fh = open(path, "wb")
             self._fh.write(_header(self.plan, metadata))
-        elif reserve:  # data goes after room for the header; the header is written into it on close
-            self._fh = open(path, "wb")
-            self._fh.seek(8 + reserve)
         else:
-            self._fh = open(path.with_name(path.name + ".body"), "wb")
+            self._fh.seek(8 + reserve)
 
     def begin(self, spec: TensorSpec) -> None:
         if self._left:
@@ -150,13 +146,6 @@ class SafetensorsFileWriter:
         self._inflight.append(self._pool.submit(self._fh.write, data))
         self._left -= len(data)
 
-    def add(self, spec: TensorSpec, chunks: Iterable[torch.Tensor | np.ndarray | bytes]) -> None:
-        self.begin(spec)
-        for c in chunks:
-            self.write(c)
-        if self._left:
-            raise RuntimeError(f"{spec} is missing {self._left} bytes")
-
     def _drain(self) -> None:
         while self._inflight:
             self._inflight.popleft().result()
@@ -171,25 +160,20 @@ class SafetensorsFileWriter:
                 raise RuntimeError(f"{self.path}: {len(self.plan) - len(self.entries)} planned tensors unwritten")
             _fsync_close(self._fh)
             return
-        if self.reserve:
-            head = _header(self.entries, self.metadata)
-            if len(head) <= 8 + self.reserve:
-                self._fh.seek(0)  # the format allows the header to be padded with spaces
-                self._fh.write(struct.pack("<Q", self.reserve) + head[8:] + b" " * (8 + self.reserve - len(head)))
-                _fsync_close(self._fh)
-                return
-            self._fh.close()  # the reserve was too small: move the data behind a header (should not happen)
-            body = self.path.with_name(self.path.name + ".body")
-            with open(self.path, "rb") as src, open(body, "wb") as dst:
-                src.seek(8 + self.reserve)
-                shutil.copyfileobj(src, dst, 16 << 20)
-        else:
-            body = Path(self._fh.name)
-            self._fh.close()
+        head = _header(self.entries, self.metadata)
+        if len(head) <= 8 + self.reserve:
+            self._fh.seek(0)  # the format allows the header to be padded with spaces
+            self._fh.write(struct.pack("<Q", self.reserve) + head[8:] + b" " * (8 + self.reserve - len(head)))
+            _fsync_close(self._fh)
+            return
+        self._fh.close()  # the header does not fit the reserve: move the data behind it
+        body = self.path.with_name(self.path.name + ".body")
+        with open(self.path, "rb") as src, open(body, "wb") as dst:
+            src.seek(8 + self.reserve)
+            shutil.copyfileobj(src, dst, 16 << 20)
         with open(self.path, "wb") as out, open(body, "rb") as src:
-            out.write(_header(self.entries, self.metadata))
-            out.flush()
-            _copy_file(src, out)
+            out.write(head)
+            shutil.copyfileobj(src, out, 16 << 20)
             _fsync_close(out)
         body.unlink()
 
@@ -198,23 +182,6 @@ class SafetensorsFileWriter:
             f.cancel()
         self._pool.shutdown(wait=True)
         self._fh.close()
-
-
-def _copy_file(src: Any, dst: Any) -> None:
-    size = os.fstat(src.fileno()).st_size
-    done = 0
-    try:
-        while done < size:
-            n = os.copy_file_range(src.fileno(), dst.fileno(), size - done)
-            if n == 0:
-                break
-            done += n
-    except OSError:
-        src.seek(done)
-        shutil.copyfileobj(src, dst, 16 << 20)
-        return
-    if done < size:
-        shutil.copyfileobj(src, dst, 16 << 20)
 
 
 def _fsync_close(fh: Any) -> None:
@@ -227,8 +194,8 @@ class ShardedWriter:
     """Writes tensors into size-bounded safetensors shards named like ``save_pretrained`` does
     (``{stem}.safetensors`` or ``{stem}-00001-of-00003.safetensors`` + ``{stem}.safetensors.index.json``).
 
-    Give ``plan`` when every tensor is known up front (zero-copy, header first); otherwise shards are
-    assembled on close. Tensors must then be written in plan order.
+    Give ``plan`` when every tensor is known up front (header first; tensors then come in plan order);
+    otherwise give ``header_reserve``, room for the largest header a shard can get.
     """
 
     def __init__(
@@ -257,7 +224,7 @@ class ShardedWriter:
         i = len(self._done)
         path = self.folder / f".shard-{i:05d}.safetensors"
         plan = self._shard_plans[i] if self._shard_plans is not None else None
-        return SafetensorsFileWriter(path, self.metadata, plan, 0 if plan is not None else self.header_reserve)
+        return SafetensorsFileWriter(path, self.metadata, plan, self.header_reserve)
 
     def _finish_current(self) -> None:
         if self._cur is not None:
@@ -281,9 +248,12 @@ class ShardedWriter:
         return cur
 
     def add(self, spec: TensorSpec, chunks: Iterable[torch.Tensor | np.ndarray | bytes]) -> None:
+        """Write a whole tensor from its chunks."""
         w = self.begin(spec)
         for c in chunks:
             w.write(c)
+        if w._left:
+            raise RuntimeError(f"{spec} is missing {w._left} bytes")
 
     def close(self) -> list[str]:
         """Finish the last shard, give shards their final names, write the index; return file names."""

@@ -194,9 +194,8 @@ def _apply_tensor(
             w.write(c)
         return
     work = work_dtype(info.dtype, vec.entries[job.source].source_dtype, job.spec.dtype)
-    row_elems = math.prod(info.shape[1:]) if info.shape else 1
     rows = info.shape[0] if info.shape else 1
-    deltas = vec.delta_chunks(job.source, rows, row_elems, chunk_elems, scale, work)
+    deltas = vec.delta_chunks(job.source, rows, chunk_elems, scale, work)
     for c, d in zip(chunks, deltas, strict=True):
         acc = c.to(dev, work, copy=True)  # never add in place into a tensor that may map the target file
         d.add_to(acc)

@@ -146,10 +146,7 @@ def extract(
     entries: list[TensorEntry] = []
     unchanged: list[str] = []
     total_bytes = sum(p.src.nbytes + p.dst.nbytes for p in pairs)
-    # dense is exact in float32, or in the models' own dtype (fix-ups cover what it cannot hold)
-    exact = sparse or dense_code == "F32" or all(
-        p.src.dtype == p.dst.dtype == dense_code for p in pairs if p.dst.is_float
-    )
+    exact = all(_exact(p, sparse, dense_code) for p in pairs if p.dst.is_float)
 
     with atomic_dir(out, overwrite) as tmp, _one_torch_thread():
         meta, reserve = {"format": f"rvhub-{format}"}, _header_bound(pairs, sparse)
@@ -158,7 +155,7 @@ def extract(
             progress_bar(total_bytes, f"extract {format}", progress, len(pairs)) as bar,
         ):
             for p in pairs:
-                entry = _extract_tensor(p, src_from, src_to, writer, sparse, dense_code, exact, chunk_elems)
+                entry = _extract_tensor(p, src_from, src_to, writer, sparse, dense_code, chunk_elems)
                 if entry is not None:  # dense vectors keep unchanged tensors (as zeros) too
                     entries.append(entry)
                 if entry is None or entry.changed == 0:
@@ -227,6 +224,12 @@ def _header_bound(pairs: list[_Pair], sparse: bool) -> int:
     return size + (-size % 8)
 
 
+def _exact(p: _Pair, sparse: bool, dense_code: str) -> bool:
+    """Whether the tensor's stored form reproduces `to` exactly (with fix-ups): always for sparse; for dense
+    in float32, or in the models' own dtype."""
+    return sparse or dense_code == "F32" or p.src.dtype == p.dst.dtype == dense_code
+
+
 def _pinned(src: ModelSource) -> ModelRef:
     if src.ref.kind == "local":
         return src.ref.model_copy(update={"content_sha256": src.content_sha256()})
@@ -240,7 +243,6 @@ def _extract_tensor(
     writer: ShardedWriter,
     sparse: bool,
     dense_code: str,
-    exact_dense: bool,
     chunk_elems: int,
 ) -> TensorEntry | None:
     if not p.dst.is_float:  # integer buffers must be equal; they carry no delta
@@ -248,14 +250,11 @@ def _extract_tensor(
         if not torch.equal(a, b):
             raise UnsupportedTensorError(p.name, p.dst.dtype)
         return None
-    out_dtype = ST_TO_TORCH[p.dst.dtype]
-    same = p.src.dtype == p.dst.dtype
-    if sparse:
-        values_dtype = out_dtype if same else torch.float32
-        exact = True
+    if sparse:  # each tensor's own dtype; float32 when the two models store it differently
+        values_dtype = ST_TO_TORCH[p.dst.dtype] if p.src.dtype == p.dst.dtype else torch.float32
     else:
         values_dtype = ST_TO_TORCH[dense_code]
-        exact = exact_dense or (same and values_dtype == out_dtype)
+    exact = _exact(p, sparse, dense_code)
     chunks_f = src_from.iter_chunks(p.src.name, chunk_elems)
     chunks_t = src_to.iter_chunks(p.dst.name, chunk_elems)
     masks: list[np.ndarray] = []

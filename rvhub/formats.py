@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ._io import TORCH_TO_ST
 from .card import VectorCard
 from .errors import CorruptFileError, ExactnessError, NonFiniteError, VectorFormatError
 from .sources import Reader, row_blocks
@@ -70,7 +71,7 @@ def encode_chunk(
 
     Only changed elements are converted and subtracted: RL leaves most of them bit-identical.
     """
-    work = torch.float64 if torch.float64 in (f_raw.dtype, t_raw.dtype) else torch.float32
+    work = work_dtype(TORCH_TO_ST[f_raw.dtype], TORCH_TO_ST[t_raw.dtype])
     check_finite(name, f_raw, "from model")
     check_finite(name, t_raw, "to model")
     if f_raw.dtype == t_raw.dtype:  # bit patterns differ exactly where values do (but for ±0, harmless)
@@ -79,8 +80,9 @@ def encode_chunk(
     else:
         changed = (f_raw.to(work) != t_raw.to(work)).numpy()
     idx = torch.from_numpy(np.flatnonzero(changed))
+    t_sel = t_raw.index_select(0, idx)
     f = f_raw.index_select(0, idx).to(work)
-    t = t_raw.index_select(0, idx).to(work)
+    t = t_sel.to(work)
     d = t - f
     check_finite(name, d, "the difference overflows")
     stored = d.to(values_dtype)
@@ -89,13 +91,13 @@ def encode_chunk(
     if exact:
         # exactly what apply computes on `from`; t − f itself may be inexact (|t| ≪ |f|), so check the result
         recon = (f + stored.to(work)).to(t_raw.dtype)
-        bad = (recon != t_raw.index_select(0, idx)).nonzero().reshape(-1)
+        bad = (recon != t_sel).nonzero().reshape(-1)
         if bad.numel():
             fix_pos = idx[bad]
             fix_hi = d[bad]
             s1 = f[bad] + fix_hi
             fix_lo = t[bad] - s1
-            still = (s1 + fix_lo).to(t_raw.dtype) != t_raw[fix_pos]
+            still = (s1 + fix_lo).to(t_raw.dtype) != t_sel[bad]
             if bool(still.any()):
                 raise ExactnessError(name, int(still.sum()))
     if sparse:
@@ -183,7 +185,7 @@ class VectorFolder:
         return self._get(name + FIX_INDEX), self._get(name + FIX_HI).to(work), self._get(name + FIX_LO).to(work)
 
     def delta_chunks(
-        self, name: str, rows: int, row_elems: int, chunk_elems: int, scale: float, work: torch.dtype
+        self, name: str, rows: int, chunk_elems: int, scale: float, work: torch.dtype
     ) -> Iterator[DeltaChunk]:
         """α·v for ``name`` in the row blocks of a target with ``rows`` rows (zero beyond the vector's rows).
 
@@ -191,6 +193,7 @@ class VectorFolder:
         """
         entry = self.entries[name]
         vrows = entry.shape[0] if entry.shape else 1
+        row_elems = math.prod(entry.shape[1:])
         fix_idx, fix_hi, fix_lo = self._fixups(name, work)
         shape = (rows, *entry.shape[1:]) if entry.shape else ()
         # one block for a scalar or an empty tensor, as ModelSource.iter_chunks yields one chunk for them

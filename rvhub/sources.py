@@ -9,11 +9,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from math import gcd
 from pathlib import Path
 from typing import Any
 
@@ -62,10 +62,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -116,7 +113,6 @@ class ModelSource:
     root: Path
     tensors: dict[str, TensorInfo]
     config: dict[str, Any]
-    weight_files: list[Path]
     _hash: _ContentHasher | None = field(default=None, repr=False)
     _reader: Reader = field(default_factory=Reader, repr=False)
 
@@ -173,10 +169,8 @@ class ModelSource:
 def row_blocks(shape: tuple[int, ...], chunk_elems: int) -> list[tuple[int, int]]:
     """Row ranges [a, b) of about ``chunk_elems`` elements, a multiple of 8 elements each but the last."""
     rows = shape[0]
-    row = 1
-    for s in shape[1:]:
-        row *= s
-    step = 8 // gcd(row, 8) if row else 1
+    row = math.prod(shape[1:])
+    step = 8 // math.gcd(row, 8) if row else 1
     per = max(step, (chunk_elems // max(row, 1)) // step * step)
     return [(a, min(a + per, rows)) for a in range(0, rows, per)]
 
@@ -261,7 +255,7 @@ def _open_folder(root: Path, ref: ModelRef, hash_content: bool) -> ModelSource:
         raise CorruptFileError(str(bad[0].file), f"tensor {bad[0].name} has unsupported dtype {bad[0].dtype}")
     config = _read_json(root / "config.json") if (root / "config.json").is_file() else {}
     hasher = _ContentHasher(files) if hash_content and ref.kind == "local" else None
-    return ModelSource(ref=ref, root=root, tensors=tensors, config=config, weight_files=files, _hash=hasher)
+    return ModelSource(ref=ref, root=root, tensors=tensors, config=config, _hash=hasher)
 
 
 def _weight_files(root: Path, ref: str) -> list[Path]:
@@ -298,7 +292,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _open_hub(ref: str) -> ModelSource:
-    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub import HfApi, constants, snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
@@ -309,8 +303,6 @@ def _open_hub(ref: str) -> ModelSource:
 
     repo_id, _, revision = ref.partition("@")
     rev = revision or None
-    from huggingface_hub import constants
-
     try:
         if not constants.HF_HUB_OFFLINE:  # offline, the cache alone answers (snapshot_download below)
             files = HfApi().list_repo_files(repo_id, revision=rev)

@@ -111,9 +111,7 @@ def plant_sparse_delta(
                 flat[i] = torch.tensor(1e-9 * (k + 1) if k % 2 else -flat[i].float().item(), dtype=torch.bfloat16)
                 if k % 2:
                     t.reshape(-1)[i] = 0.75  # a large `from` value ends next to zero
-            out[name] = new
-        else:
-            out[name] = new
+        out[name] = new
     if adversarial:
         save_file(state, str(_weights_file(sft)), metadata={"format": "pt"})
     return rewrite_weights(sft, rl, out)
