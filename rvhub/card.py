@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from . import __version__
 from .errors import VectorFormatError
@@ -62,14 +62,58 @@ class FileEntry(_Frozen):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
+class ModuleReport(_Frozen):
+    """How well one module's delta is carried by its LoRA factors."""
+
+    name: str = Field(description="vector tensor (a 2-D weight) that the LoRA pair replaces")
+    shape: tuple[int, int]
+    rank: int = Field(ge=1)
+    energy: float = Field(ge=0, le=1, description="retained fraction ‖ΔW_r‖²/‖ΔW‖²")
+    rel_error: float = Field(ge=0, description="‖ΔW − ΔW_r‖_F / ‖ΔW‖_F")
+    params: int = Field(ge=0, description="LoRA parameters: rank·(rows + columns)")
+
+
+class SvdCheck(_Frozen):
+    """Randomized against exact truncation error on one module at the same rank."""
+
+    name: str
+    rank: int = Field(ge=1)
+    randomized_error: float = Field(ge=0)
+    exact_error: float = Field(ge=0)
+
+
+class CompressionReport(_Frozen):
+    """What ``rvhub compress`` kept: per module and in total, as fractions of ‖v‖²."""
+
+    svd: Literal["randomized", "exact"]
+    rule: Literal["rank", "energy", "budget"]
+    rule_value: float = Field(description="the --rank, --energy or --budget value")
+    embeddings: Literal["residual", "lora"] = Field(description="where embed_tokens/lm_head deltas went")
+    adapter_dtype: Literal["BF16", "F16", "F32"]
+    residual_format: Literal["sparse", "dense"] = Field(description="encoding of residual.safetensors")
+    modules: list[ModuleReport]
+    residual: list[str] = Field(description="tensors carried exactly, as in the source vector, in the residual file")
+    total_sq_norm: float = Field(ge=0, description="‖v‖² over every tensor of the source vector")
+    adapter_energy: float = Field(ge=0, le=1, description="fraction of ‖v‖² the LoRA factors carry")
+    residual_energy: float = Field(ge=0, le=1, description="fraction of ‖v‖² in the residual file")
+    dropped_energy: float = Field(ge=0, le=1, description="fraction of ‖v‖² lost to rank truncation")
+    rel_error: float = Field(ge=0, description="‖v − v̂‖ / ‖v‖ over the whole vector")
+    adapter_params: int = Field(ge=0)
+    adapter_bytes: int = Field(ge=0)
+    residual_bytes: int = Field(ge=0)
+    vector_bytes: int = Field(ge=0, description="size of the source vector's tensor files")
+    svd_checks: list[SvdCheck] = Field(default_factory=list)
+
+
 class VectorCard(_Frozen):
     """Manifest of a reasoning-vector folder (``rvhub.json``)."""
 
     schema_version: Literal[1] = 1
     rvhub_version: str = __version__
     formula: Literal["to - from"] = Field(default="to - from", description="v = θ_to − θ_from, per tensor")
-    format: Literal["sparse", "dense"] = Field(
-        description="sparse: bitmask of changed elements + their deltas; dense: a full delta per tensor"
+    format: Literal["sparse", "dense", "lora"] = Field(
+        description="sparse: bitmask of changed elements + their deltas; dense: a full delta per tensor; "
+        "lora: a PEFT LoRA adapter plus a residual file for what LoRA cannot carry"
     )
     values_dtype: Literal["source", "BF16", "F16", "F32"] = Field(
         description="dtype of the stored deltas; 'source' = each tensor's own dtype (exact by construction)"
@@ -85,6 +129,13 @@ class VectorCard(_Frozen):
     tensors: list[TensorEntry]
     unchanged: list[str] = Field(default_factory=list, description="tensors equal in both models (omitted)")
     files: list[FileEntry]
+    compression: CompressionReport | None = Field(default=None, description="set for the lora form")
+
+    @model_validator(mode="after")
+    def _lora_has_report(self) -> VectorCard:
+        if (self.format == "lora") != (self.compression is not None):
+            raise ValueError("a compression report goes with format 'lora', and only with it")
+        return self
 
     def write(self, folder: Path) -> None:
         from ._io import write_text
