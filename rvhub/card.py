@@ -10,10 +10,10 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import __version__
-from .errors import VectorFormatError
+from .errors import IntegrityError, VectorFormatError
 
 CARD_FILE = "rvhub.json"
 SCHEMA_VERSION = 1
@@ -57,9 +57,16 @@ class TensorEntry(_Frozen):
 class FileEntry(_Frozen):
     """A file of the vector folder and its sha256."""
 
-    path: str
+    path: str = Field(description="a plain file name inside the folder (no directories)")
     size: int = Field(ge=0)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+    @field_validator("path")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        if not v or v in (".", "..") or "/" in v or "\\" in v or v.startswith(".") or "\0" in v:
+            raise ValueError(f"{v!r} is not a plain file name")
+        return v
 
 
 class ModuleReport(_Frozen):
@@ -164,3 +171,25 @@ class VectorCard(_Frozen):
             err = e.errors()[0]
             where = ".".join(str(p) for p in err["loc"])
             raise VectorFormatError(str(folder), f"{CARD_FILE} field {where}: {err['msg']}") from e
+
+
+def file_entry(folder: Path, name: str) -> FileEntry:
+    """The manifest entry (size, sha256) of ``folder/name``."""
+    from ._io import sha256_file
+
+    path = folder / name
+    return FileEntry(path=name, size=path.stat().st_size, sha256=sha256_file(path))
+
+
+def verify_files(folder: Path, card: VectorCard) -> None:
+    """Check every file the card lists against its recorded size and sha256, before anything reads it."""
+    from ._io import sha256_file
+
+    for entry in card.files:
+        path = folder / entry.path
+        if not path.is_file():
+            raise IntegrityError(str(path), "listed in the card but missing")
+        if path.stat().st_size != entry.size:
+            raise IntegrityError(str(path), f"size {path.stat().st_size} differs from the card's {entry.size}")
+        if sha256_file(path) != entry.sha256:
+            raise IntegrityError(str(path), "sha256 differs from the card's")

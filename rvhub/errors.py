@@ -144,3 +144,11 @@ class ExactnessError(RvhubError):
             f"{count} element(s) of {tensor} cannot be encoded exactly in float32 arithmetic; "
             "use --format dense (lossy for these elements)"
         )
+
+
+class IntegrityError(RvhubError):
+    """A file of a vector folder does not match the sha256 (or size) its card records, or is missing."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        super().__init__(f"{path}: {reason}; the folder was altered or damaged (re-download or re-extract it)")

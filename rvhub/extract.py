@@ -23,10 +23,9 @@ from ._io import (
     check_output,
     dtype_code,
     parse_size,
-    sha256_file,
 )
 from ._progress import progress_bar, tensor_done
-from .card import FileEntry, ModelRef, TensorEntry, VectorCard
+from .card import ModelRef, TensorEntry, VectorCard, file_entry
 from .errors import InvalidOptionError, MissingTensorError, ShapeMismatchError, UnsupportedTensorError
 from .formats import FIX_HI, FIX_INDEX, FIX_LO, MASK, VALUES, VECTOR_STEM, encode_chunk, pack_bits
 from .sources import CHUNK_ELEMS, ModelSource, TensorInfo, open_model
@@ -162,7 +161,7 @@ def extract(
                     unchanged.append(p.name)
                 tensor_done(bar, p.src.nbytes + p.dst.nbytes)
             names = writer.close()
-        files = [FileEntry(path=n, size=(tmp / n).stat().st_size, sha256=sha256_file(tmp / n)) for n in names]
+        files = [file_entry(tmp, n) for n in names]
         card = VectorCard(
             format=format,
             values_dtype="source" if sparse else dense_code,  # type: ignore[arg-type]

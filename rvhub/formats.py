@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ._io import TORCH_TO_ST
-from .card import VectorCard
+from .card import VectorCard, verify_files
 from .errors import CorruptFileError, ExactnessError, NonFiniteError, VectorFormatError
 from .sources import Reader, row_blocks
 from .sources import open_safetensors as _open
@@ -141,11 +141,13 @@ class DeltaChunk:
 class VectorFolder:
     """A vector folder opened for reading: its card and where each stored tensor lives."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, verify: bool = True):
         self.folder = folder
         if not folder.is_dir():
             raise VectorFormatError(str(folder), "no such folder")
         self.card = VectorCard.read(folder)
+        if verify:  # every file against the card's sha256, before anything reads it
+            verify_files(folder, self.card)
         self.entries = {e.name: e for e in self.card.tensors}
         self._where: dict[str, Path] = {}
         self._reader = Reader()

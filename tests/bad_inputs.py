@@ -20,6 +20,7 @@ from helpers import copy_folder, load_tensors, write_model
 
 from rvhub.errors import (
     CorruptFileError,
+    IntegrityError,
     InvalidOptionError,
     MissingTensorError,
     ModelNotFoundError,
@@ -80,7 +81,8 @@ class BadInputs:
     vec_unknown_field: Path  # rvhub.json with a field the schema does not know
     vec_schema2: Path  # rvhub.json with schema_version 2
     vec_truncated: Path  # vector.safetensors cut short
-    vec_shard_truncated: Path  # the last shard of a sharded vector cut short (found only while applying)
+    vec_shard_truncated: Path  # the last shard of a sharded vector cut short
+    vec_flipped: Path  # one byte of vector.safetensors flipped: same size, other sha256
     bad_config: Path  # config.json is not JSON
     vec_missing: Path  # no such folder
 
@@ -158,6 +160,7 @@ def build_bad_inputs(root: Path, trio: Trio, vector: Path, sharded_vector: Path)
         vec_truncated=_damage(vector, root / "vec_truncated", lambda b: b[: len(b) - 100]),
         vec_missing=root / "no-such-vector",
         vec_shard_truncated=vec_shard_truncated,
+        vec_flipped=_damage(vector, root / "vec_flipped", lambda b: b[:-1] + bytes([b[-1] ^ 1])),
         bad_config=bad_config,
     )
 
@@ -236,10 +239,13 @@ CASES = [
               lambda b: ["rvhub.json", "surprise_field"]),
     ErrorCase("apply-card-schema-version", "apply", lambda b: _ap(b, vector=b.vec_schema2), VectorFormatError,
               lambda b: ["rvhub.json", "schema_version 2"]),
-    ErrorCase("apply-truncated-vector", "apply", lambda b: _ap(b, vector=b.vec_truncated), CorruptFileError,
-              lambda b: [str(b.vec_truncated / "vector.safetensors")]),
+    # the card's sha256 manifest catches damage before any tensor is read
+    ErrorCase("apply-truncated-vector", "apply", lambda b: _ap(b, vector=b.vec_truncated), IntegrityError,
+              lambda b: [str(b.vec_truncated / "vector.safetensors"), "size"]),
     ErrorCase("apply-truncated-vector-shard", "apply", lambda b: _ap(b, vector=b.vec_shard_truncated),
-              CorruptFileError, lambda b: [str(_last_shard(b.vec_shard_truncated))]),
+              IntegrityError, lambda b: [str(_last_shard(b.vec_shard_truncated))]),
+    ErrorCase("apply-flipped-byte", "apply", lambda b: _ap(b, vector=b.vec_flipped), IntegrityError,
+              lambda b: [str(b.vec_flipped / "vector.safetensors"), "sha256"]),
     ErrorCase("apply-missing-vector", "apply", lambda b: _ap(b, vector=b.vec_missing), VectorFormatError,
               lambda b: [str(b.vec_missing)]),
 ]
