@@ -31,7 +31,7 @@ from .errors import (
     TiedEmbeddingError,
     VocabMismatchError,
 )
-from .formats import VectorFolder, check_finite, work_dtype
+from .formats import AdapterFolder, VectorFolder, check_finite, open_vector, work_dtype
 from .sources import CHUNK_ELEMS, ModelSource, open_model
 
 logger = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 def plan_apply(
-    vec: VectorFolder, tgt: ModelSource, out_code: str | None, allow_vocab_mismatch: bool
+    vec: VectorFolder | AdapterFolder, tgt: ModelSource, out_code: str | None, allow_vocab_mismatch: bool
 ) -> tuple[list[_Job], dict[str, int]]:
     """Match vector tensors to target tensors; check shapes, vocab rows and embedding tying."""
     pair = tgt.tied_pair
@@ -145,7 +145,7 @@ def apply(
     shard_bytes = parse_size(max_shard_size)
     dev = resolve_device(device)
     check_output(out, overwrite, [vector, *([Path(base)] if Path(base).exists() else [])])
-    vec = VectorFolder(vector)
+    vec = open_vector(vector)
     tgt = open_model(base, hash_content=False)
     jobs, skipped = plan_apply(vec, tgt, out_code, allow_vocab_mismatch)
     for name, rows in skipped.items():
@@ -179,7 +179,7 @@ def apply(
 
 
 def _apply_tensor(
-    job: _Job, vec: VectorFolder, tgt: ModelSource, writer: ShardedWriter, scale: float,
+    job: _Job, vec: VectorFolder | AdapterFolder, tgt: ModelSource, writer: ShardedWriter, scale: float,
     dev: torch.device, chunk_elems: int,
 ) -> None:
     w = writer.begin(job.spec)

@@ -125,7 +125,9 @@ def extract(
 
 @app.command()
 def apply(
-    vector: Annotated[Path, typer.Argument(help="A vector folder written by `rvhub extract`.")],
+    vector: Annotated[
+        Path, typer.Argument(help="A vector folder (`rvhub extract`) or an adapter folder (`rvhub compress`).")
+    ],
     base: Annotated[str, typer.Option("--base", help="The target model: folder or org/name\\[@rev].")],
     out: OutOpt,
     scale: Annotated[float, typer.Option("--scale", "-a", help="α in θ_base + α·v; -1 subtracts the vector.")] = 1.0,
@@ -160,6 +162,77 @@ def apply(
         vector, base, out, scale=scale, dtype=dtype, device=device, overwrite=overwrite,
         allow_vocab_mismatch=allow_vocab_mismatch, max_shard_size=max_shard_size, progress=not quiet,
     ), human)
+
+
+class Embeddings(str, Enum):
+    residual = "residual"
+    lora = "lora"
+
+
+@app.command()
+def compress(
+    vector: Annotated[Path, typer.Argument(help="A vector folder written by `rvhub extract` (sparse or dense).")],
+    out: OutOpt,
+    rank: Annotated[int | None, typer.Option(help="Uniform rank R for every module.")] = None,
+    energy: Annotated[
+        float | None,
+        typer.Option(help="Per module, the smallest rank keeping this fraction of ‖ΔW‖² (0 < E ≤ 1)."),
+    ] = None,
+    budget: Annotated[
+        int | None,
+        typer.Option(help="Total LoRA parameters (Σ rank·(rows+cols)), spent where they keep the most energy."),
+    ] = None,
+    exact: Annotated[bool, typer.Option("--exact", help="Exact SVD (slower) instead of randomized.")] = False,
+    embeddings: Annotated[
+        Embeddings,
+        typer.Option(help="residual: embeddings stay exact beside the adapter (servers such as vLLM load it); "
+                     "lora: embed_tokens/lm_head deltas go into the LoRA (untied models only)."),
+    ] = Embeddings.residual,
+    dtype: Annotated[str, typer.Option(help="dtype of the LoRA factors: float32, bfloat16 or float16.")] = "float32",
+    device: Annotated[str, typer.Option(help="Where the SVDs run: cpu or cuda[:N].")] = "cpu",
+    base_model: Annotated[
+        str | None,
+        typer.Option(help="base_model_name_or_path written into adapter_config.json (the recommended target)."),
+    ] = None,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Compress a vector into a PEFT LoRA adapter (truncated SVD) + an exact residual, with a quality report.
+
+    Give one rank rule: --rank, --energy or --budget.
+    """
+    from .compress import compress as run
+
+    _run(debug, json_out, lambda: run(
+        vector, out, rank=rank, energy=energy, budget=budget, exact=exact, embeddings=embeddings.value,
+        dtype=dtype, device=device, base_model=base_model, overwrite=overwrite, progress=not quiet,
+    ), _compress_table)
+
+
+def _compress_table(r: Any) -> str:
+    rep = r.report
+    width = max(len(m.name) for m in rep.modules)
+    lines = [f"{'module':<{width}}  {'shape':>13}  {'rank':>5}  {'energy':>8}  {'rel.err':>8}"]
+    for m in rep.modules:
+        shape = "x".join(map(str, m.shape))
+        lines.append(f"{m.name:<{width}}  {shape:>13}  {m.rank:>5}  {m.energy:>8.4f}  {m.rel_error:>8.4f}")
+    checks = "".join(
+        f"\nsvd check {c.name} rank {c.rank}: randomized error {c.randomized_error:.4g} vs exact "
+        f"{c.exact_error:.4g} ({100 * (c.randomized_error / c.exact_error - 1) if c.exact_error else 0:+.2f}%)"
+        for c in rep.svd_checks
+    )
+    lines.append(
+        f"\nof ‖v‖²: adapter {100 * rep.adapter_energy:.2f}%, residual {100 * rep.residual_energy:.2f}% (exact, "
+        f"{len(rep.residual)} tensors), dropped {100 * rep.dropped_energy:.2f}%; total relative error "
+        f"{rep.rel_error:.4f}{checks}\n"
+        f"wrote {r.out}: {len(rep.modules)} LoRA modules, {rep.adapter_params:,} parameters, adapter "
+        f"{_mb(rep.adapter_bytes)} + residual {_mb(rep.residual_bytes)} = "
+        f"{(rep.adapter_bytes + rep.residual_bytes) / max(rep.vector_bytes, 1):.2f}x the vector "
+        f"({_mb(rep.vector_bytes)}), {rep.svd} SVD, {r.seconds:.1f}s"
+    )
+    return "\n".join(lines)
 
 
 @app.command()

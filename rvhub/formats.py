@@ -26,13 +26,14 @@ import numpy as np
 import torch
 
 from ._io import TORCH_TO_ST
-from .card import VectorCard, verify_files
+from .card import TensorEntry, VectorCard, verify_files
 from .errors import CorruptFileError, ExactnessError, NonFiniteError, VectorFormatError
-from .sources import Reader, row_blocks
+from .sources import CHUNK_ELEMS, Reader, row_blocks
 from .sources import open_safetensors as _open
 
 MASK, VALUES, FIX_INDEX, FIX_HI, FIX_LO = "::mask", "::values", "::fix_index", "::fix_hi", "::fix_lo"
 VECTOR_STEM = "vector"
+RESIDUAL_STEM = "residual"  # an adapter folder's exact part, in its source vector's encoding
 
 
 def work_dtype(*codes: str) -> torch.dtype:
@@ -142,16 +143,32 @@ class VectorFolder:
     """A vector folder opened for reading: its card and where each stored tensor lives."""
 
     def __init__(self, folder: Path, verify: bool = True):
-        self.folder = folder
         if not folder.is_dir():
             raise VectorFormatError(str(folder), "no such folder")
-        self.card = VectorCard.read(folder)
+        card = VectorCard.read(folder)
         if verify:  # every file against the card's sha256, before anything reads it
-            verify_files(folder, self.card)
-        self.entries = {e.name: e for e in self.card.tensors}
+            verify_files(folder, card)
+        if card.format == "lora":
+            raise VectorFormatError(str(folder), "this is a LoRA adapter folder; open it with open_vector()")
+        self._setup(folder, card, VECTOR_STEM, card.tensors, card.format == "sparse")
+
+    @classmethod
+    def part(
+        cls, folder: Path, card: VectorCard, stem: str, entries: list[TensorEntry], sparse: bool
+    ) -> VectorFolder:
+        """Some of a card's tensors, stored in ``stem``.safetensors of ``folder`` (an adapter's residual)."""
+        self = cls.__new__(cls)
+        self._setup(folder, card, stem, entries, sparse)
+        return self
+
+    def _setup(self, folder: Path, card: VectorCard, stem: str, entries: list[TensorEntry], sparse: bool) -> None:
+        self.folder = folder
+        self.card = card
+        self.sparse = sparse
+        self.entries = {e.name: e for e in entries}
         self._where: dict[str, Path] = {}
         self._reader = Reader()
-        index = folder / f"{VECTOR_STEM}.safetensors.index.json"
+        index = folder / f"{stem}.safetensors.index.json"
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
@@ -161,21 +178,36 @@ class VectorFolder:
                 if Path(fname).name != fname:
                     raise CorruptFileError(str(index), f"shard name {fname!r} is not a plain file name")
                 self._where[key] = folder / fname
-        else:
-            single = folder / f"{VECTOR_STEM}.safetensors"
+        elif entries:
+            single = folder / f"{stem}.safetensors"
             if not single.is_file():
                 raise VectorFormatError(str(folder), f"no {single.name} and no index")
             with _open(single) as f:
                 for key in f.keys():
                     self._where[key] = single
-        for entry in self.card.tensors:
-            key = entry.name + (MASK if self.card.format == "sparse" else "")
+        for entry in entries:
+            key = entry.name + (MASK if sparse else "")
             if key not in self._where:
                 raise VectorFormatError(str(folder), f"tensor {entry.name} listed in the card is not stored")
 
-    @property
-    def sparse(self) -> bool:
-        return self.card.format == "sparse"
+    def stored_keys(self, name: str) -> list[str]:
+        """The file keys that encode tensor ``name`` (its data, mask, values and fix-ups)."""
+        return sorted(k for k in self._where if k == name or k.startswith(name + "::"))
+
+    def raw(self, key: str) -> torch.Tensor:
+        """A stored tensor as it is in the file."""
+        return self._get(key)
+
+    def dense(self, name: str, work: torch.dtype = torch.float32) -> torch.Tensor:
+        """The whole delta of ``name``, decoded, in its shape."""
+        entry = self.entries[name]
+        rows = entry.shape[0] if entry.shape else 1
+        out = torch.zeros(math.prod(entry.shape), dtype=work)
+        blocks = row_blocks(entry.shape, CHUNK_ELEMS) if entry.shape else [(0, 1)]
+        row_elems = math.prod(entry.shape[1:])
+        for (a, _), chunk in zip(blocks, self.delta_chunks(name, rows, CHUNK_ELEMS, 1.0, work), strict=True):
+            chunk.add_to(out[a * row_elems :])
+        return out.reshape(entry.shape)
 
     def _get(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         return self._reader.read(self._where[key], key, rows)
@@ -233,3 +265,98 @@ class VectorFolder:
                 flo = flo * scale
             yield DeltaChunk(index, values, pos, flo)
 
+
+
+class AdapterFolder:
+    """A compressed vector (``rvhub compress``): PEFT LoRA factors + the residual, read like a VectorFolder.
+
+    A LoRA module's delta is ``scale·B·A`` (``(B·A)ᵀ`` for an embedding), formed row block by row block in
+    float32; the residual's tensors decode exactly as in the source vector.
+    """
+
+    def __init__(self, folder: Path, verify: bool = True):
+        if not folder.is_dir():
+            raise VectorFormatError(str(folder), "no such folder")
+        card = VectorCard.read(folder)
+        if verify:
+            verify_files(folder, card)
+        report = card.compression
+        if card.format != "lora" or report is None:
+            raise VectorFormatError(str(folder), "not a LoRA adapter folder; open it with open_vector()")
+        config_path = folder / "adapter_config.json"
+        if not config_path.is_file():
+            raise VectorFormatError(str(folder), "adapter_config.json is missing: this adapter folder is incomplete")
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise VectorFormatError(str(folder), f"adapter_config.json is not valid JSON: {e}") from e
+        if config.get("peft_type") != "LORA":
+            raise VectorFormatError(str(folder), f"adapter_config.json: peft_type {config.get('peft_type')!r}, "
+                                                 "expected 'LORA'")
+        self.folder = folder
+        self.card = card
+        self.entries = {e.name: e for e in card.tensors}
+        residual = set(report.residual)
+        self._residual = VectorFolder.part(
+            folder, card, RESIDUAL_STEM, [e for e in card.tensors if e.name in residual],
+            report.residual_format == "sparse",
+        )
+        self._modules = {m.name for m in report.modules}
+        self._config = config
+        self._reader = Reader()
+        self._weights = folder / "adapter_model.safetensors"
+        with _open(self._weights) as f:
+            self._keys = set(f.keys())
+        for name in self._modules:
+            if self._lora_keys(name)[0] not in self._keys:
+                raise VectorFormatError(str(folder), f"LoRA factors of {name} listed in the card are not stored")
+
+    def _lora_keys(self, name: str) -> tuple[str, str, bool]:
+        """(A key, B key, is an embedding) of a module's weight tensor ``name``."""
+        key = "base_model.model." + name.removesuffix(".weight")
+        if f"{key}.lora_embedding_A" in self._keys:
+            return f"{key}.lora_embedding_A", f"{key}.lora_embedding_B", True
+        return f"{key}.lora_A.weight", f"{key}.lora_B.weight", False
+
+    def _scale(self, module: str) -> float:
+        """PEFT's lora_alpha / r for this module (rvhub writes 1; another tool's adapter may not)."""
+        from peft.utils.other import get_pattern_key
+
+        c = self._config
+        r = c.get("rank_pattern") or {}
+        al = c.get("alpha_pattern") or {}
+        rank = r.get(get_pattern_key(list(r), module), c.get("r", 8))
+        alpha = al.get(get_pattern_key(list(al), module), c.get("lora_alpha", 8))
+        return float(alpha / math.sqrt(rank) if c.get("use_rslora") else alpha / rank)
+
+    def delta_chunks(
+        self, name: str, rows: int, chunk_elems: int, scale: float, work: torch.dtype
+    ) -> Iterator[DeltaChunk]:
+        """α·v for ``name`` in the row blocks of a target with ``rows`` rows, as VectorFolder.delta_chunks."""
+        if name not in self._modules:
+            yield from self._residual.delta_chunks(name, rows, chunk_elems, scale, work)
+            return
+        entry = self.entries[name]
+        ka, kb, embedding = self._lora_keys(name)
+        a = self._reader.read(self._weights, ka).to(work)
+        b = self._reader.read(self._weights, kb).to(work)
+        s = scale * self._scale(name.removesuffix(".weight"))
+        none = torch.empty(0, dtype=torch.int64)
+        for lo, hi in row_blocks((rows, *entry.shape[1:]), chunk_elems):
+            end = min(hi, entry.shape[0])
+            if end <= lo:
+                values = torch.empty(0, dtype=work)
+            else:
+                # an embedding's ΔE = (B·A)ᵀ: its rows are columns of A
+                values = (a[:, lo:end].mT @ b.mT if embedding else b[lo:end] @ a).reshape(-1)
+                values.mul_(s)
+            yield DeltaChunk(None, values, none, torch.empty(0, dtype=work))
+
+
+def open_vector(folder: Path, verify: bool = True) -> VectorFolder | AdapterFolder:
+    """A vector folder or a compressed (LoRA + residual) one, by its card's format."""
+    if not folder.is_dir():
+        raise VectorFormatError(str(folder), "no such folder")
+    if VectorCard.read(folder).format == "lora":
+        return AdapterFolder(folder, verify)
+    return VectorFolder(folder, verify)

@@ -5,6 +5,7 @@ Nothing is downloaded: configs are built in code, weights are random, the tokeni
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -136,4 +137,47 @@ def build_trio(root: Path, arch: Arch = "qwen2", *, seed: int = 0, hidden: int =
     save_tokenizer(target, "target")
     gen = target / "generation_config.json"
     gen.write_text(gen.read_text().replace("{", '{\n  "do_sample": true,\n  "temperature": 0.6,', 1))
+    return Trio(sft, rl, target)
+
+
+def to_float32(src: Path, dst: Path) -> Path:
+    """A float32 copy of the model folder ``src`` (weights and config dtype)."""
+    state = {k: v.float() for k, v in load_file(str(_weights_file(src))).items()}
+    rewrite_weights(src, dst, state)
+    config = json.loads((dst / "config.json").read_text())
+    for key in ("dtype", "torch_dtype"):
+        if key in config:
+            config[key] = "float32"
+    (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return dst
+
+
+def plant_lowrank_delta(sft: Path, rl: Path, *, rank: int, seed: int = 1, embeddings: bool = False) -> Path:
+    """RL = SFT + an exact rank-``rank`` delta on every linear weight (and on embed_tokens/lm_head with
+    ``embeddings``), singular values 0.05·(1, 1/2, 1/3, …); norms and biases unchanged. Float32 models keep the
+    planted delta exact up to one rounding of each sum."""
+    g = torch.Generator().manual_seed(seed)
+    state = load_file(str(_weights_file(sft)))
+    out = {}
+    for name, t in sorted(state.items()):
+        vocab = "embed_tokens" in name or name.startswith("lm_head")
+        if t.dim() != 2 or (vocab and not embeddings):
+            out[name] = t
+            continue
+        u, _ = torch.linalg.qr(torch.randn(t.shape[0], rank, generator=g))
+        v, _ = torch.linalg.qr(torch.randn(t.shape[1], rank, generator=g))
+        s = 0.05 / torch.arange(1, rank + 1, dtype=torch.float32)
+        out[name] = (t.float() + (u * s) @ v.T).to(t.dtype)
+    return rewrite_weights(sft, rl, out)
+
+
+def build_lowrank_trio(root: Path, arch: Arch = "qwen2", *, rank: int = 3, seed: int = 0, hidden: int = 64,
+                       vocab: int = 128, embeddings: bool = False) -> Trio:
+    """Float32 SFT, RL = SFT + exact rank-``rank`` deltas (see :func:`plant_lowrank_delta`), TARGET a noisy
+    sibling of SFT: a vector that LoRA at rank ``rank`` carries exactly."""
+    root.mkdir(parents=True, exist_ok=True)
+    base = build_model(root / "bf16", arch, seed=seed, hidden=hidden, vocab=vocab)
+    sft = to_float32(base, root / "sft")
+    rl = plant_lowrank_delta(sft, root / "rl", rank=rank, seed=seed + 1, embeddings=embeddings)
+    target = add_noise(sft, root / "target", seed=seed + 2)
     return Trio(sft, rl, target)
