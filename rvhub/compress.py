@@ -63,6 +63,13 @@ class _Module:
     s: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # singular values, (k,)
     exact: bool = False
     rank: int = 0
+    err_sq: float = 0.0  # ‖ΔW − B·A‖² with the stored factors
+    err32_sq: float = 0.0  # the same with the float32 factors
+
+    def report(self) -> ModuleReport:
+        energy = min(1.0, float((self.s[: self.rank].double() ** 2).sum()) / self.sq_norm)
+        return ModuleReport(name=self.name, shape=self.shape, rank=self.rank, energy=energy,
+                            rel_error=math.sqrt(self.err_sq / self.sq_norm), params=self.rank * self.cost)
 
     @property
     def module(self) -> str:
@@ -137,30 +144,31 @@ def compress(
     if not modules:
         raise VectorFormatError(str(vector), "no 2-D weight deltas to compress (all would stay in the residual)")
 
-    residual_sq = 0.0
+    out_dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[code]
+    residual_sq = sum(_sq_norm(vec, name) for name in residual)
+    cap = _spectrum_cap(modules, rule, rule_value)
+    tensors: dict[str, torch.Tensor] = {}
     with progress_bar(sum(4 * math.prod(m.shape) for m in modules), "compress", progress, len(modules)) as bar:
-        for name in residual:
-            residual_sq += _sq_norm(vec, name)
-        cap = _spectrum_cap(modules, rule, rule_value)
         for i, m in enumerate(modules):
             check_stop()
-            delta = vec.dense(m.name)
-            if m.embedding:
-                delta = delta.mT  # PEFT's embedding LoRA holds ΔEᵀ = B·A
-            delta = delta.to(dev)
+            delta = _load(vec, m, dev)
             m.sq_norm = float(torch.linalg.vector_norm(delta, dtype=torch.float64) ** 2)
             _decompose(m, delta, rule, rule_value, cap(m), exact, seed=i)
+            if rule != "budget" and m.sq_norm > 0:  # the rank is known: finish while the delta is here
+                tensors.update(_finish(m, delta, out_dtype))
             tensor_done(bar, 4 * math.prod(m.shape))
             del delta
     modules = [m for m in modules if m.sq_norm > 0]  # a module whose delta is zero has nothing to carry
     if not modules:
         raise VectorFormatError(str(vector), "every 2-D weight delta is zero: there is nothing for LoRA to carry")
-    if rule == "budget":
+    if rule == "budget":  # ranks depend on every module's spectrum: read the deltas again
         _allocate_budget(modules, int(rule_value))
+        for m in modules:
+            check_stop()
+            tensors.update(_finish(m, _load(vec, m, dev), out_dtype))
     sq_total = residual_sq + sum(m.sq_norm for m in modules)
-    out_dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[code]
-    tensors, reports, dropped_sq = _factors(vec, modules, out_dtype)
-    checks = _svd_checks(vec, modules) if any(not m.exact for m in modules) else []
+    dropped_sq = sum(m.err_sq for m in modules)
+    checks = _svd_checks(vec, modules, dev)
 
     with atomic_dir(out, overwrite) as tmp:
         from safetensors.torch import save_file
@@ -176,10 +184,10 @@ def compress(
             embeddings=embeddings,
             adapter_dtype=code,  # type: ignore[arg-type]
             residual_format="sparse" if vec.sparse else "dense",
-            modules=reports,
+            modules=[m.report() for m in modules],
             residual=residual,
             total_sq_norm=sq_total,
-            adapter_energy=_frac(sum(float((m.s[: m.rank].double() ** 2).sum()) for m in modules), sq_total),
+            adapter_energy=_frac(sum(float((m.s.double() ** 2).sum()) for m in modules), sq_total),
             residual_energy=_frac(residual_sq, sq_total),
             dropped_energy=_frac(dropped_sq, sq_total),
             rel_error=math.sqrt(_frac(dropped_sq, sq_total)),
@@ -269,12 +277,13 @@ def _decompose(m: _Module, delta: torch.Tensor, rule: str, value: float, q: int,
             m.rank = r if r is not None else s.numel()
             break
         q *= 2
-    keep = min(q, s.numel()) if rule == "budget" else m.rank
-    m.us = (u[:, :keep] * s[:keep]).cpu()
-    m.v = v[:, :keep].cpu()
-    m.s = s[:keep].cpu()
-    m.exact = was_exact
     m.rank = max(m.rank, 1)  # never rank 0: a nonzero matrix has a nonzero singular value
+    if rule == "budget":  # kept, off the device, until every module's spectrum is known
+        keep = min(q, s.numel())
+        m.us, m.v, m.s = (u[:, :keep] * s[:keep]).cpu(), v[:, :keep].cpu(), s[:keep].cpu()
+    else:
+        m.us, m.v, m.s = u[:, : m.rank] * s[: m.rank], v[:, : m.rank], s[: m.rank]
+    m.exact = was_exact
 
 
 def _allocate_budget(modules: list[_Module], budget: int) -> None:
@@ -301,48 +310,40 @@ def _allocate_budget(modules: list[_Module], budget: int) -> None:
             heapq.heappush(heap, (-float(m.s[m.rank]) ** 2 / m.cost, i))
 
 
-def _factors(
-    vec: VectorFolder, modules: list[_Module], dtype: torch.dtype
-) -> tuple[dict[str, torch.Tensor], list[ModuleReport], float]:
-    """PEFT tensors for every module, and each module's error measured against its real delta."""
-    tensors: dict[str, torch.Tensor] = {}
-    reports = []
-    dropped = 0.0
-    for m in modules:
-        r = m.rank
-        root = m.s[:r].sqrt()
-        safe = torch.where(root > 0, root, torch.ones_like(root))
-        b = (m.us[:, :r] / safe).contiguous()  # U·√S from U·S
-        a = (m.v[:, :r] * root).mT.contiguous()
-        b, a = b.to(dtype), a.to(dtype)
-        key = PEFT_PREFIX + m.module
-        if m.embedding:
-            tensors[f"{key}.lora_embedding_A"], tensors[f"{key}.lora_embedding_B"] = a, b
-        else:
-            tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = a, b
-        delta = vec.dense(m.name)
-        approx = b.float() @ a.float()
-        err = float(torch.linalg.vector_norm(delta - (approx.mT if m.embedding else approx), dtype=torch.float64) ** 2)
-        dropped += err
-        energy = min(1.0, float((m.s[:r].double() ** 2).sum()) / m.sq_norm)
-        shape = m.shape
-        reports.append(ModuleReport(name=m.name, shape=shape, rank=r, energy=energy,
-                                    rel_error=math.sqrt(err / m.sq_norm), params=r * m.cost))
-        m.us, m.v = m.us[:, :r], m.v[:, :r]
-    return tensors, reports, dropped
+def _load(vec: VectorFolder, m: _Module, dev: torch.device) -> torch.Tensor:
+    """The module's delta as the matrix PEFT factors: ΔW, or ΔEᵀ for an embedding (PEFT holds B·A = ΔEᵀ)."""
+    delta = vec.dense(m.name)
+    return (delta.mT if m.embedding else delta).to(dev)
 
 
-def _svd_checks(vec: VectorFolder, modules: list[_Module]) -> list[SvdCheck]:
+def _finish(m: _Module, delta: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The module's PEFT tensors at its rank, and its error measured against its real delta (in float32, and
+    as stored when the factors are rounded to a smaller dtype)."""
+    r = m.rank
+    us, v, s = m.us[:, :r].to(delta.device), m.v[:, :r].to(delta.device), m.s[:r].to(delta.device)
+    root = s.sqrt()
+    b = us / torch.where(root > 0, root, torch.ones_like(root))  # U·√S, from U·S
+    a = (v * root).mT
+    m.err32_sq = float(torch.linalg.vector_norm(delta - b @ a, dtype=torch.float64) ** 2)
+    b, a = b.to(dtype), a.to(dtype)
+    m.err_sq = m.err32_sq
+    if dtype != torch.float32:
+        m.err_sq = float(torch.linalg.vector_norm(delta - b.float() @ a.float(), dtype=torch.float64) ** 2)
+    m.us = m.v = torch.empty(0)  # the factors live on in the returned tensors
+    m.s = s.cpu()
+    key = PEFT_PREFIX + m.module
+    if m.embedding:
+        return {f"{key}.lora_embedding_A": a.contiguous().cpu(), f"{key}.lora_embedding_B": b.contiguous().cpu()}
+    return {f"{key}.lora_A.weight": a.contiguous().cpu(), f"{key}.lora_B.weight": b.contiguous().cpu()}
+
+
+def _svd_checks(vec: VectorFolder, modules: list[_Module], dev: torch.device) -> list[SvdCheck]:
     """On the smallest randomized modules: the randomized truncation error against the exact one."""
     checks = []
     for m in sorted((m for m in modules if not m.exact), key=lambda m: math.prod(m.shape))[:SVD_CHECKS]:
-        delta = vec.dense(m.name)
-        if m.embedding:
-            delta = delta.mT
-        s = torch.linalg.svdvals(delta).double()
+        s = torch.linalg.svdvals(_load(vec, m, dev)).double()
         exact_err = float((s[m.rank :] ** 2).sum().sqrt())
-        rand_err = float(torch.linalg.vector_norm(delta - m.us[:, : m.rank] @ m.v[:, : m.rank].mT, dtype=torch.float64))
-        checks.append(SvdCheck(name=m.name, rank=m.rank, randomized_error=rand_err, exact_error=exact_err))
+        checks.append(SvdCheck(name=m.name, rank=m.rank, randomized_error=math.sqrt(m.err32_sq), exact_error=exact_err))
     return checks
 
 
