@@ -226,6 +226,16 @@ def test_zero_modules_are_left_out_never_rank_zero(trio: Callable[[str], Trio], 
     config = json.loads((tmp_path / "ad" / ADAPTER_CONFIG).read_text())
     assert "k_proj" not in config["target_modules"]
     assert "model.layers.0.self_attn.k_proj" in config["target_modules"]
+    # and PEFT wraps exactly the adapter's modules, with the stored factors
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(t.target), str(tmp_path / "ad"))
+    wrapped = {n.removeprefix("base_model.model.") for n, mod in model.named_modules() if hasattr(mod, "lora_A")}
+    assert wrapped == {m.name.removesuffix(".weight") for m in card.compression.modules}
+    q = "model.layers.0.self_attn.q_proj"
+    loaded = model.base_model.model.get_submodule(q).lora_A["default"].weight
+    assert torch.equal(loaded.float(), keys[f"base_model.model.{q}.lora_A.weight"].float())
 
 
 def test_randomized_svd_within_one_percent_of_exact(vector: Callable[..., Path], tmp_path: Path) -> None:
