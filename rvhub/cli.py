@@ -140,13 +140,18 @@ def apply(
             help="If vocabulary sizes differ, apply the delta to the common rows and report the rest.",
         ),
     ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Apply even if the base fails the compatibility check (rvhub check).")
+    ] = False,
     max_shard_size: ShardOpt = "5GB",
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Write θ_base + α·v: float32 arithmetic rounded once; config and tokenizer from the base."""
+    """Write θ_base + α·v: float32 arithmetic rounded once; config and tokenizer from the base.
+
+    The base must first pass the compatibility check (`rvhub check`); --force skips it."""
     from .apply import apply as run
 
     def human(r: Any) -> str:
@@ -158,7 +163,7 @@ def apply(
 
     _run(debug, json_out, lambda: run(
         vector, base, out, scale=scale, dtype=dtype, device=device, overwrite=overwrite,
-        allow_vocab_mismatch=allow_vocab_mismatch, max_shard_size=max_shard_size, progress=not quiet,
+        allow_vocab_mismatch=allow_vocab_mismatch, force=force, max_shard_size=max_shard_size, progress=not quiet,
     ), human)
 
 
