@@ -44,6 +44,26 @@ def render_readme(card: VectorCard, repo_id: str | None = None) -> str:
     return str(text).rstrip("\n") + "\n"
 
 
+def describe(card: VectorCard, name: str) -> str:
+    """A few lines for the terminal (``rvhub card VEC``)."""
+    lines = [
+        f"{name}: {card.format} vector{' (exact)' if card.exact else ''}, {len(card.tensors)} tensors, "
+        f"{sum(f.size for f in card.files):,} bytes in {len(card.files)} file(s)",
+        f"  from {card.source_from}",
+        f"  to   {card.source_to}",
+        f"  recommended α {card.recommended_scale:g}; bases: {', '.join(card.recommended_bases) or 'none'}; "
+        f"license: {card.license or 'not stated'}",
+        f"  fingerprints: {'recorded' if card.fingerprints else 'none'}",
+    ]
+    for d in card.benchmarks:
+        s = d.scores
+        others = (("−αv", s.minus), ("control", s.control))
+        extra = "".join(f", {k} {v:.4g} ({v - s.target:+.4g})" for k, v in others if v is not None)
+        lines.append(f"  {d.benchmark} {d.metric} on {d.target}: {s.target:.4g} → +αv {s.plus:.4g} "
+                     f"({s.plus - s.target:+.4g}){extra}; α={d.scale:g}, n={d.n}, {_setup(d)}")
+    return "\n".join(lines)
+
+
 def embedded_json(text: str, where: str) -> str:
     """The card JSON embedded in a rendered README."""
     found = _EMBED.findall(text)
@@ -91,7 +111,6 @@ def _eval_results(card: VectorCard) -> list[Any]:
             metric_name=f"{d.metric} of {d.target} + {d.scale:g}·v",
             metric_config=d.harness.filter,
             dataset_args={"num_fewshot": d.harness.num_fewshot} if d.harness.num_fewshot is not None else None,
-            source_name=d.harness.name,
         )
         for d in card.benchmarks
     ]

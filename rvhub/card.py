@@ -33,7 +33,7 @@ README_FILE = "README.md"
 # Still 1: no card had been published when fingerprints, benchmarks and the Hub card were added (with
 # defaults, so a card written before them still reads). Bump it for any change an older rvhub cannot read.
 SCHEMA_VERSION = 1
-HUB_ID_PATTERN = r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$"
+HUB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9_.\-]+$"
 HubId = Annotated[str, Field(pattern=HUB_ID_PATTERN, description="a Hugging Face Hub model id, org/name")]
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
