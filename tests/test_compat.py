@@ -142,3 +142,24 @@ def test_a_card_without_fingerprints_still_checks_shapes(trio, vector, tmp_path)
     c = _by_name(check(vec, str(trio("qwen2_plain").target)))
     assert c["architecture"].status == "pass"
     assert {c[n].status for n in ("config", "tokenizer", "lineage")} == {"warn"}
+
+
+def test_check_a_hub_id_reads_headers_and_a_few_ranges_only(trio, vector, tmp_path):
+    """Over real HTTP with the real huggingface_hub client (in a subprocess: its endpoint is read at import)."""
+    from helpers import cli_env, run_cli
+    from hub_stub import HubStub
+
+    t = trio("qwen2_wide")  # 2.9 MB of weights: a few ranges are a small fraction of them
+    with HubStub("rvhub-test/remote-target", t.target, "d" * 40) as hub:
+        env = cli_env(HF_ENDPOINT=hub.url, HF_HUB_CACHE=str(tmp_path / "cache"))
+        env["HF_HUB_OFFLINE"] = "0"
+        done = run_cli("check", vector("qwen2_wide"), "--base", "rvhub-test/remote-target", "--json", env=env)
+        served = dict(hub.served)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["target"] == "rvhub-test/remote-target@" + "d" * 40
+    lineage = next(c for c in report["checks"] if c["name"] == "lineage")
+    assert lineage["status"] == "pass" and lineage["details"]["correlation"] > 0.95
+    size = (t.target / "model.safetensors").stat().st_size
+    assert served["model.safetensors"] < size / 10, f"{served['model.safetensors']} of {size} bytes read"
+    assert served.get("config.json") and served.get("tokenizer.json")
