@@ -19,6 +19,10 @@ __all__ = [
     "ExtractResult",
     "apply_vector",
     "ApplyResult",
+    "check_compatibility",
+    "CompatReport",
+    "edit_card",
+    "import_lm_eval",
     "open_model",
     "ModelSource",
     "VectorFolder",
@@ -32,6 +36,10 @@ _EXPORTS = {  # public name -> (module, name there)
     "ExtractResult": ("rvhub.extract", "ExtractResult"),
     "apply_vector": ("rvhub.apply", "apply"),
     "ApplyResult": ("rvhub.apply", "ApplyResult"),
+    "check_compatibility": ("rvhub.compat", "check"),
+    "CompatReport": ("rvhub.compat", "CompatReport"),
+    "edit_card": ("rvhub.benchmarks", "edit_card"),
+    "import_lm_eval": ("rvhub.benchmarks", "import_lm_eval"),
     "open_model": ("rvhub.sources", "open_model"),
     "ModelSource": ("rvhub.sources", "ModelSource"),
     "VectorFolder": ("rvhub.formats", "VectorFolder"),
@@ -43,7 +51,10 @@ _EXPORTS = {  # public name -> (module, name there)
 if TYPE_CHECKING:
     from .apply import ApplyResult
     from .apply import apply as apply_vector
+    from .benchmarks import edit_card, import_lm_eval
     from .card import ModelRef, VectorCard
+    from .compat import CompatReport
+    from .compat import check as check_compatibility
     from .errors import RvhubError
     from .extract import ExtractResult
     from .extract import extract as extract_vector

@@ -24,6 +24,7 @@ from ._io import (
     write_text,
 )
 from ._progress import progress_bar, tensor_done
+from .compat import check_model, require_compatible
 from .errors import (
     InvalidOptionError,
     MissingTensorError,
@@ -128,6 +129,7 @@ def apply(
     device: str = "cpu",
     overwrite: bool = False,
     allow_vocab_mismatch: bool = False,
+    force: bool = False,
     max_shard_size: str | int = "5GB",
     progress: bool = True,
     chunk_elems: int = CHUNK_ELEMS,
@@ -135,6 +137,8 @@ def apply(
     """Write θ_base + scale·v to ``out``: float32 arithmetic, rounded once to the base's dtype (or ``dtype``).
 
     config.json, generation_config.json and tokenizer files come from ``base``; a tied base stays tied.
+    Before anything is written, ``base`` must pass the compatibility check (:func:`rvhub.compat.check`)
+    unless ``force``; what cannot be applied at all (missing tensors, shapes) is refused even then.
     """
     t0 = time.perf_counter()
     out = Path(out)
@@ -148,6 +152,8 @@ def apply(
     vec = open_vector(vector)
     tgt = open_model(base, hash_content=False)
     jobs, skipped = plan_apply(vec, tgt, out_code, allow_vocab_mismatch)
+    if not force:  # plan_apply refused what cannot be applied; this refuses what should not be
+        require_compatible(check_model(vec.card, tgt, str(vector), allow_vocab_mismatch=allow_vocab_mismatch))
     for name, rows in skipped.items():
         logger.warning("%s: vocabulary sizes differ; %d row(s) left without a delta", name, rows)
     n_params = sum(tgt.tensors[j.name].numel for j in jobs)

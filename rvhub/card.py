@@ -1,22 +1,42 @@
-"""The typed metadata stored as ``rvhub.json`` in every vector folder.
+"""The typed metadata stored as ``rvhub.json`` (and rendered as ``README.md``) in every vector folder.
 
 Frozen pydantic models with ``extra="forbid"``: a typo or a hand edit fails loudly instead of vanishing.
-Later schema versions extend this card (benchmarks, fingerprints, compression report).
+The card says what the vector is (formula, form, recommended scale), where it came from (pinned sources,
+recommended bases), whether a model can take it (fingerprints, computed by :mod:`rvhub.compat`), what it
+does (benchmark deltas), and what the folder holds (every file's sha256).
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from . import __version__
 from .errors import IntegrityError, VectorFormatError
 
 CARD_FILE = "rvhub.json"
+README_FILE = "README.md"
+# Still 1: no card had been published when fingerprints, benchmarks and the Hub card were added (with
+# defaults, so a card written before them still reads). Bump it for any change an older rvhub cannot read.
 SCHEMA_VERSION = 1
+HUB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9_.\-]+$"
+HubId = Annotated[str, Field(pattern=HUB_ID_PATTERN, description="a Hugging Face Hub model id, org/name")]
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
 
 
 class _Frozen(BaseModel):
@@ -112,11 +132,161 @@ class CompressionReport(_Frozen):
     svd_checks: list[SvdCheck] = Field(default_factory=list)
 
 
+# ---------------------------------------------------------------- fingerprints
+
+
+class TensorShape(_Frozen):
+    """A tensor name and its shape."""
+
+    name: str
+    shape: tuple[int, ...]
+
+
+class ArchitectureFingerprint(_Frozen):
+    """model_type and every tensor the vector touches, with its shape, as in the ``from`` model."""
+
+    model_type: str | None = Field(description="config.json model_type of the `from` model")
+    tensors: list[TensorShape] = Field(description="every tensor the vector touches, sorted by name")
+    sha256: Sha256 = Field(description="sha256 of model_type and the (name, shape) list, see architecture_sha256")
+
+    @model_validator(mode="after")
+    def _hash_matches(self) -> ArchitectureFingerprint:
+        if self.sha256 != architecture_sha256(self.model_type, self.tensors):
+            raise ValueError("sha256 does not match model_type and tensors (hand-edited?)")
+        return self
+
+
+class ConfigFingerprint(_Frozen):
+    """The config.json fields that change what equal-shaped weights mean, normalised (see rvhub.compat)."""
+
+    values: dict[str, JsonValue] = Field(
+        description="field -> value; rope settings flattened as rope.<key> from rope_parameters, rope_scaling "
+        "and the top-level rope_theta; norm_eps from rms_norm_eps/layer_norm_eps/layer_norm_epsilon"
+    )
+    sha256: Sha256 = Field(description="sha256 of the canonical JSON of values")
+
+    @model_validator(mode="after")
+    def _hash_matches(self) -> ConfigFingerprint:
+        if self.sha256 != canonical_sha256(self.values):
+            raise ValueError("sha256 does not match values (hand-edited?)")
+        return self
+
+
+class TokenizerFingerprint(_Frozen):
+    """What token ids mean: the model vocabulary and merges, and the added/special tokens, hashed apart
+    (an instruct model often adds chat tokens to an unchanged vocabulary)."""
+
+    source: Literal["tokenizer.json", "vocab.json+merges.txt", "tokenizer.model"] = Field(
+        description="the file(s) hashed"
+    )
+    vocab_size: int = Field(ge=0, description="entries of the model vocabulary, added tokens excluded")
+    vocab_sha256: Sha256 = Field(description="sha256 of the vocabulary (token, id) and merges, added tokens excluded")
+    added_tokens: list[str] = Field(description="added tokens' contents, in id order")
+    special_tokens: dict[str, str] = Field(
+        description="role -> token from tokenizer_config.json (bos_token, eos_token, pad_token, unk_token)"
+    )
+    added_sha256: Sha256 = Field(description="sha256 of the added tokens (id, content, special) and special_tokens")
+
+
+class SketchTensor(_Frozen):
+    """Values of one tensor of the ``from`` model at fixed positions."""
+
+    name: str
+    shape: tuple[int, ...]
+    spans: list[tuple[int, int]] = Field(description="(flat start, length) runs of elements, sorted")
+    values: str = Field(description="the elements of the spans in order, float32 little-endian, base64")
+
+    @model_validator(mode="after")
+    def _sizes_agree(self) -> SketchTensor:
+        n = sum(length for _, length in self.spans)
+        try:
+            raw = base64.b64decode(self.values, validate=True)
+        except ValueError as e:
+            raise ValueError(f"values is not base64: {e}") from e
+        if len(raw) != 4 * n:
+            raise ValueError(f"values hold {len(raw) // 4} float32, the spans cover {n}")
+        return self
+
+
+class LineageSketch(_Frozen):
+    """A seeded sample of the ``from`` model's weights: a sibling (a fine-tune of the same pretrained model)
+    correlates with it, a same-shaped model with another initialisation does not."""
+
+    seed: int
+    tensors: list[SketchTensor]
+
+
+class Fingerprints(_Frozen):
+    """Computed by extract from the ``from`` model; ``rvhub check`` compares a target against them."""
+
+    architecture: ArchitectureFingerprint
+    config: ConfigFingerprint
+    tokenizer: TokenizerFingerprint | None = Field(description="None when the `from` model has no tokenizer files")
+    lineage: LineageSketch
+
+
+def canonical_sha256(value: Any) -> str:
+    """sha256 of the canonical JSON of ``value`` (sorted keys, no spaces, UTF-8)."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def architecture_sha256(model_type: str | None, tensors: list[TensorShape]) -> str:
+    return canonical_sha256([model_type, sorted([t.name, list(t.shape)] for t in tensors)])
+
+
+# ---------------------------------------------------------------- benchmark deltas
+
+
+class HarnessSettings(_Frozen):
+    """How the scores were measured. Deltas from different settings are not comparable."""
+
+    name: str = Field(default="lm-evaluation-harness", min_length=1, description="the evaluation harness")
+    version: str | None = Field(default=None, description="harness version or git hash")
+    num_fewshot: int | None = Field(default=None, ge=0, description="few-shot examples per prompt")
+    chat_template: bool | None = Field(default=None, description="whether prompts went through the chat template")
+    chat_template_sha256: str | None = Field(default=None, description="hash of the chat template used, if any")
+    fewshot_as_multiturn: bool | None = Field(default=None, description="few-shot examples as chat turns")
+    system_instruction: str | None = Field(default=None, description="system prompt, if any")
+    prompt: str | None = Field(default=None, description="the prompt template (e.g. the task's doc_to_text)")
+    filter: str | None = Field(default=None, description="answer filter, e.g. strict-match or flexible-extract")
+
+
+class Scores(_Frozen):
+    """A metric on the target alone, with +αv, with −αv, and with a norm-matched random vector."""
+
+    target: Finite = Field(description="the target model alone")
+    plus: Finite = Field(description="target + α·v")
+    minus: Finite | None = Field(default=None, description="target − α·v")
+    control: Finite | None = Field(
+        default=None, description="target + α·r, r a random vector with the norm of v (the control)"
+    )
+
+
+class BenchmarkDelta(_Frozen):
+    """What the vector does to one metric of one benchmark on one target model."""
+
+    benchmark: str = Field(min_length=1, description="task name, e.g. gsm8k")
+    metric: str = Field(min_length=1, description="metric name, e.g. exact_match")
+    higher_is_better: bool = Field(default=True, description="whether a larger value is better")
+    n: int | None = Field(default=None, ge=1, description="number of evaluated examples")
+    harness: HarnessSettings = Field(default_factory=HarnessSettings)
+    target: str = Field(min_length=1, description="the model evaluated (Hub id or name)")
+    scale: Finite = Field(default=1.0, description="α used for the +αv, −αv and control runs")
+    scores: Scores
+    stderr: Scores | None = Field(default=None, description="standard errors of the scores, when known")
+
+    @property
+    def key(self) -> tuple[str, str, str | None, str]:
+        """Deltas with the same key replace each other."""
+        return (self.benchmark, self.metric, self.harness.filter, self.target)
+
+
 class VectorCard(_Frozen):
     """Manifest of a reasoning-vector folder (``rvhub.json``)."""
 
-    schema_version: Literal[1] = 1
-    rvhub_version: str = __version__
+    schema_version: Literal[1] = Field(default=1, description="version of this schema")
+    rvhub_version: str = Field(default=__version__, description="the rvhub version that wrote the card")
     formula: Literal["to - from"] = Field(default="to - from", description="v = θ_to − θ_from, per tensor")
     format: Literal["sparse", "dense", "lora"] = Field(
         description="sparse: bitmask of changed elements + their deltas; dense: a full delta per tensor; "
@@ -137,6 +307,18 @@ class VectorCard(_Frozen):
     unchanged: list[str] = Field(default_factory=list, description="tensors equal in both models (omitted)")
     files: list[FileEntry]
     compression: CompressionReport | None = Field(default=None, description="set for the lora form")
+    recommended_scale: Finite = Field(default=1.0, description="α the author recommends in θ_target + α·v")
+    recommended_bases: list[HubId] = Field(
+        default_factory=list, description="Hub ids of models the author recommends applying the vector to"
+    )
+    fingerprints: Fingerprints | None = Field(
+        default=None, description="compatibility fingerprints of the `from` model (None: not computed)"
+    )
+    benchmarks: list[BenchmarkDelta] = Field(default_factory=list, description="measured effects of the vector")
+    license: str | None = Field(
+        default=None, pattern=r"^[a-z0-9][a-z0-9.\-]*$",
+        description="Hub license id (e.g. apache-2.0, mit, other); mind the sources' licenses",
+    )
 
     @model_validator(mode="after")
     def _lora_has_report(self) -> VectorCard:
@@ -145,9 +327,30 @@ class VectorCard(_Frozen):
         return self
 
     def write(self, folder: Path) -> None:
-        from ._io import write_text
+        """Write ``rvhub.json`` and ``README.md`` (rendered from this card) together, so they always agree.
 
-        write_text(folder / CARD_FILE, self.model_dump_json(indent=2) + "\n")
+        Both are written to hidden temporary files and fsynced before either is renamed into place; neither
+        is in the file manifest, so rewriting them keeps the folder valid.
+        """
+        from ._readme import render_readme
+
+        _replace_files(folder, {CARD_FILE: self.to_json(), README_FILE: render_readme(self)})
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2) + "\n"
+
+    def to_readme(self, repo_id: str | None = None) -> str:
+        """The Hub model card (README.md) for this card; pure, no network. ``repo_id`` fills the how-to."""
+        from ._readme import render_readme
+
+        return render_readme(self, repo_id)
+
+    @classmethod
+    def from_readme(cls, text: str, where: str = README_FILE) -> VectorCard:
+        """The card embedded in a README.md that :meth:`to_readme` rendered."""
+        from ._readme import embedded_json
+
+        return cls.from_json(embedded_json(text, where), where)
 
     @classmethod
     def read(cls, folder: Path) -> VectorCard:
@@ -155,22 +358,74 @@ class VectorCard(_Frozen):
         if not path.is_file():
             raise VectorFormatError(str(folder), f"no {CARD_FILE}")
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
+            text = path.read_text(encoding="utf-8")
         except (OSError, ValueError) as e:
-            raise VectorFormatError(str(folder), f"{CARD_FILE} is not valid JSON: {e}") from e
-        version = raw.get("schema_version") if isinstance(raw, dict) else None
+            raise VectorFormatError(str(folder), f"cannot read {CARD_FILE}: {e}") from e
+        return cls.from_json(text, str(folder))
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> VectorCard:
+        """Parse a card's JSON; errors name the field, what was found and what is allowed."""
+        try:
+            raw = json.loads(text)
+        except ValueError as e:
+            raise VectorFormatError(where, f"{CARD_FILE} is not valid JSON: {e}") from e
+        if not isinstance(raw, dict):
+            raise VectorFormatError(where, f"{CARD_FILE} must hold a JSON object", field="")
+        version = raw.get("schema_version")
         if version != SCHEMA_VERSION:
+            newer = isinstance(version, int) and version > SCHEMA_VERSION
+            writer = f", written by rvhub {raw.get('rvhub_version')}" if raw.get("rvhub_version") else ""
+            hint = "upgrade rvhub (pip install -U rvhub) to read it" if newer else "it is not an rvhub card"
             raise VectorFormatError(
-                str(folder),
-                f"{CARD_FILE} has schema_version {version!r}; this rvhub ({__version__}) reads version "
-                f"{SCHEMA_VERSION}",
+                where,
+                f"{CARD_FILE} has schema_version {version!r}{writer}; this rvhub ({__version__}) reads schema "
+                f"version {SCHEMA_VERSION} only: {hint}",
+                field="schema_version",
             )
         try:
             return cls.model_validate(raw)
         except ValidationError as e:
-            err = e.errors()[0]
-            where = ".".join(str(p) for p in err["loc"])
-            raise VectorFormatError(str(folder), f"{CARD_FILE} field {where}: {err['msg']}") from e
+            errors = e.errors()
+            where_first = ".".join(str(p) for p in errors[0]["loc"])
+            shown = "; ".join(_explain(err) for err in errors[:3])
+            more = f" (+{len(errors) - 3} more)" if len(errors) > 3 else ""
+            raise VectorFormatError(where, f"{CARD_FILE} {shown}{more}", field=where_first) from e
+
+
+def _explain(err: Any) -> str:
+    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        if len(err["loc"]) == 1:
+            return f"field {loc}: unknown field; the card's fields are {', '.join(VectorCard.model_fields)}"
+        return f"field {loc}: unknown field (the schema is cards/vector-card.schema.json)"
+    if err["type"] == "missing":
+        return f"field {loc}: required but missing"
+    got = json.dumps(err.get("input"), default=str)
+    got = got if len(got) <= 60 else got[:57] + "..."
+    return f"field {loc}: {err['msg']} (got {got})"
+
+
+def _replace_files(folder: Path, contents: dict[str, str]) -> None:
+    """Write every file to a temporary sibling and fsync it, then rename them all into place."""
+    from ._io import write_text
+
+    tmps = {}
+    try:
+        for name, text in contents.items():
+            tmp = folder / f".{name}.rvhub-tmp-{os.getpid()}-{os.urandom(4).hex()}"
+            tmps[name] = tmp
+            write_text(tmp, text)
+        for name, tmp in tmps.items():
+            os.replace(tmp, folder / name)
+    finally:
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def file_entry(folder: Path, name: str) -> FileEntry:

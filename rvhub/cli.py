@@ -53,7 +53,10 @@ ShardOpt = Annotated[
 T = TypeVar("T")
 
 
-def _run(debug: bool, json_out: bool, call: Callable[[], T], human: Callable[[T], str]) -> None:
+def _run(
+    debug: bool, json_out: bool, call: Callable[[], T], human: Callable[[T], str],
+    exit_code: Callable[[T], int] = lambda result: 0,
+) -> None:
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s", stream=sys.stderr)
     debug = debug or os.environ.get("RVHUB_DEBUG", "") not in ("", "0")
     # Ctrl-C and SIGTERM stop the work at the next chunk (an exception raised inside a library call could
@@ -74,9 +77,14 @@ def _run(debug: bool, json_out: bool, call: Callable[[], T], human: Callable[[T]
         typer.echo(json.dumps(_to_dict(result), indent=2))
     else:
         typer.echo(human(result))
+    code = exit_code(result)
+    if code:
+        raise typer.Exit(code)
 
 
 def _to_dict(result: Any) -> Any:
+    if hasattr(result, "model_dump"):  # a pydantic card
+        return result.model_dump(mode="json")
     return result.to_dict() if hasattr(result, "to_dict") else result
 
 
@@ -142,13 +150,18 @@ def apply(
             help="If vocabulary sizes differ, apply the delta to the common rows and report the rest.",
         ),
     ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Apply even if the base fails the compatibility check (rvhub check).")
+    ] = False,
     max_shard_size: ShardOpt = "5GB",
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Write θ_base + α·v: float32 arithmetic rounded once; config and tokenizer from the base."""
+    """Write θ_base + α·v: float32 arithmetic rounded once; config and tokenizer from the base.
+
+    The base must first pass the compatibility check (`rvhub check`); --force skips it."""
     from .apply import apply as run
 
     def human(r: Any) -> str:
@@ -160,7 +173,101 @@ def apply(
 
     _run(debug, json_out, lambda: run(
         vector, base, out, scale=scale, dtype=dtype, device=device, overwrite=overwrite,
-        allow_vocab_mismatch=allow_vocab_mismatch, max_shard_size=max_shard_size, progress=not quiet,
+        allow_vocab_mismatch=allow_vocab_mismatch, force=force, max_shard_size=max_shard_size, progress=not quiet,
+    ), human)
+
+
+@app.command()
+def check(
+    vector: Annotated[Path, typer.Argument(help="A vector folder (rvhub.json with fingerprints).")],
+    base: Annotated[str, typer.Option("--base", help="The target model: folder or org/name\\[@rev].")],
+    allow_vocab_mismatch: Annotated[
+        bool, typer.Option("--allow-vocab-mismatch", help="Count differing embedding row counts as a warning.")
+    ] = False,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Check whether TARGET can take the vector: architecture, config, tokenizer and weight lineage.
+
+    Each check passes, warns or fails, with its numbers. Exit code 0 when none fails, 1 otherwise. A Hub
+    TARGET is read by safetensors headers and a few byte ranges, never downloaded."""
+    from .compat import check as run
+
+    def human(r: Any) -> str:
+        lines = [f"{r.target}: {r.status.upper()} for {r.vector}"]
+        lines += [f"  {c.status:<4}  {c.name:<12}  {c.summary}" for c in r.checks]
+        return "\n".join(lines)
+
+    _run(debug, json_out, lambda: run(vector, base, allow_vocab_mismatch=allow_vocab_mismatch), human,
+         lambda r: 0 if r.ok else 1)
+
+
+@app.command()
+def card(
+    vector: Annotated[Path, typer.Argument(help="A vector or adapter folder.")],
+    license: Annotated[str | None, typer.Option(help="Hub license id, e.g. apache-2.0.")] = None,
+    scale: Annotated[float | None, typer.Option("--scale", help="Recommended α.")] = None,
+    base_model: Annotated[
+        list[str] | None, typer.Option("--base-model", help="A recommended base (Hub id); repeat for several.")
+    ] = None,
+    benchmark: Annotated[str | None, typer.Option(help="Set a delta by hand: task name, e.g. gsm8k.")] = None,
+    metric: Annotated[str | None, typer.Option(help="Metric of --benchmark, e.g. exact_match.")] = None,
+    target: Annotated[str | None, typer.Option(help="The model evaluated for --benchmark.")] = None,
+    score_target: Annotated[float | None, typer.Option(help="Score of the target alone.")] = None,
+    score_plus: Annotated[float | None, typer.Option(help="Score of target + α·v.")] = None,
+    score_minus: Annotated[float | None, typer.Option(help="Score of target − α·v.")] = None,
+    score_control: Annotated[
+        float | None, typer.Option(help="Score of target + α·r, r a random vector with the norm of v.")
+    ] = None,
+    n: Annotated[int | None, typer.Option("--n", help="Number of evaluated examples.")] = None,
+    num_fewshot: Annotated[int | None, typer.Option(help="Few-shot examples per prompt.")] = None,
+    chat_template: Annotated[
+        bool | None, typer.Option("--chat-template/--no-chat-template", help="Whether a chat template was applied.")
+    ] = None,
+    prompt: Annotated[str | None, typer.Option(help="The prompt template used.")] = None,
+    delta_scale: Annotated[
+        float | None, typer.Option(help="α of the ±v runs (default: the recommended scale).")
+    ] = None,
+    lm_eval_target: Annotated[
+        Path | None, typer.Option(help="lm-evaluation-harness results JSON of the target alone.")
+    ] = None,
+    lm_eval_plus: Annotated[
+        Path | None, typer.Option(help="lm-evaluation-harness results JSON of target + α·v.")
+    ] = None,
+    lm_eval_minus: Annotated[
+        Path | None, typer.Option(help="lm-evaluation-harness results JSON of target − α·v.")
+    ] = None,
+    lm_eval_control: Annotated[
+        Path | None, typer.Option(help="lm-evaluation-harness results JSON of target + a random vector of v's norm.")
+    ] = None,
+    task: Annotated[list[str] | None, typer.Option(help="Import only this lm-eval task; repeat for several.")] = None,
+    clear_benchmarks: Annotated[bool, typer.Option(help="Drop the recorded deltas first.")] = False,
+    render: Annotated[bool, typer.Option(help="Re-render README.md even without edits.")] = False,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Show a vector's card; set its license, recommended scale and bases and benchmark deltas (by hand or
+    from lm-evaluation-harness results), and re-render README.md from it."""
+    from .benchmarks import edit_card
+
+    delta = None
+    if benchmark is not None or score_plus is not None:
+        harness = {"num_fewshot": num_fewshot, "chat_template": chat_template, "prompt": prompt}
+        delta = {"benchmark": benchmark, "metric": metric, "target": target, "n": n,
+                 "harness": {k: v for k, v in harness.items() if v is not None},
+                 "scores": {"target": score_target, "plus": score_plus, "minus": score_minus,
+                            "control": score_control}}
+    lm_eval = {"target": lm_eval_target, "plus": lm_eval_plus, "minus": lm_eval_minus, "control": lm_eval_control}
+
+    def human(c: Any) -> str:
+        from ._readme import describe
+
+        return describe(c, str(vector))
+
+    _run(debug, json_out, lambda: edit_card(
+        vector, license=license, recommended_scale=scale, recommended_bases=base_model, delta=delta,
+        lm_eval=lm_eval if any(v is not None for v in lm_eval.values()) else None, lm_eval_tasks=task or (),
+        delta_scale=delta_scale, clear_benchmarks=clear_benchmarks, render=render,
     ), human)
 
 

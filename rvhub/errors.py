@@ -106,10 +106,12 @@ class OutputExistsError(RvhubError):
 
 
 class VectorFormatError(RvhubError):
-    """A vector folder is missing files or is inconsistent with its manifest."""
+    """A vector folder is missing files or is inconsistent with its manifest; ``field`` names the card
+    field at fault, when it is one."""
 
-    def __init__(self, path: str, reason: str) -> None:
+    def __init__(self, path: str, reason: str, field: str | None = None) -> None:
         self.path = path
+        self.field = field
         super().__init__(f"{path} is not a valid rvhub vector: {reason}")
 
 
@@ -152,3 +154,16 @@ class IntegrityError(RvhubError):
     def __init__(self, path: str, reason: str) -> None:
         self.path = path
         super().__init__(f"{path}: {reason}; the folder was altered or damaged (re-download or re-extract it)")
+
+
+class IncompatibleError(RvhubError):
+    """The target failed a compatibility check against the vector's fingerprints (``rvhub check``)."""
+
+    def __init__(self, target: str, failures: Sequence[tuple[str, str]]) -> None:
+        self.target = target
+        self.failures = list(failures)
+        shown = "; ".join(f"{name}: {why}" for name, why in self.failures)
+        super().__init__(
+            f"{target} failed the compatibility check ({shown}); `rvhub check VEC --base TARGET` shows every "
+            "check; pass --force to apply anyway"
+        )

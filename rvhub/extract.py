@@ -26,6 +26,7 @@ from ._io import (
 )
 from ._progress import progress_bar, tensor_done
 from .card import ModelRef, TensorEntry, VectorCard, file_entry
+from .compat import fingerprints
 from .errors import InvalidOptionError, MissingTensorError, ShapeMismatchError, UnsupportedTensorError
 from .formats import FIX_HI, FIX_INDEX, FIX_LO, MASK, VALUES, VECTOR_STEM, encode_chunk, pack_bits
 from .sources import CHUNK_ELEMS, ModelSource, TensorInfo, open_model
@@ -162,6 +163,7 @@ def extract(
                 tensor_done(bar, p.src.nbytes + p.dst.nbytes)
             names = writer.close()
         files = [file_entry(tmp, n) for n in names]
+        prints = fingerprints(src_from, [(e.name, e.shape) for e in entries])
         card = VectorCard(
             format=format,
             values_dtype="source" if sparse else dense_code,  # type: ignore[arg-type]
@@ -173,6 +175,7 @@ def extract(
             tensors=entries,
             unchanged=unchanged,
             files=files,
+            fingerprints=prints,
         )
         card.write(tmp)
     model_bytes = sum(p.dst.nbytes for p in pairs)

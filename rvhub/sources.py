@@ -165,6 +165,16 @@ class ModelSource:
     def content_sha256(self) -> str | None:
         return self._hash.result() if self._hash else None
 
+    def read_span(self, name: str, start: int, length: int) -> torch.Tensor:
+        """Flat elements [start, start + length) of a tensor, reading only the rows that hold them."""
+        info = self.tensors[name]
+        if not info.shape:
+            return self.read(name).reshape(-1)[start : start + length]
+        row = math.prod(info.shape[1:]) or 1
+        r0, r1 = start // row, -(-(start + length) // row)
+        t = self._reader.read(info.file, name, (r0, r1)).reshape(-1)
+        return t[start - r0 * row : start - r0 * row + length]
+
 
 def row_blocks(shape: tuple[int, ...], chunk_elems: int) -> list[tuple[int, int]]:
     """Row ranges [a, b) of about ``chunk_elems`` elements, a multiple of 8 elements each but the last."""
@@ -327,3 +337,109 @@ def _open_hub(ref: str) -> ModelSource:
     root = Path(local)
     commit = root.name if re.fullmatch(r"[0-9a-f]{40}", root.name) else None
     return _open_folder(root, ModelRef(kind="hub", id=repo_id, revision=rev, commit=commit), False)
+
+
+@dataclass
+class RemoteModel(ModelSource):
+    """A Hub model known by its safetensors headers and small side files (config, tokenizer), whose weights
+    are read only by byte range: enough for ``rvhub check``, never a download of the weights.
+
+    ``root`` is the local snapshot of the side files; ``TensorInfo.file`` is the weight file's path in the
+    repo. :meth:`read_span` is the only way to read weights.
+    """
+
+    repo_id: str = ""
+    commit: str = ""
+    _data_offsets: dict[str, int] = field(default_factory=dict, repr=False)  # tensor -> start in its file's data
+    _offsets: dict[str, int] = field(default_factory=dict, repr=False)  # file -> byte offset of its data
+
+    def read(self, name: str) -> torch.Tensor:
+        info = self.tensors[name]
+        return self.read_span(name, 0, info.numel).reshape(info.shape)
+
+    def iter_chunks(self, name: str, chunk_elems: int = CHUNK_ELEMS) -> Iterator[torch.Tensor]:
+        raise NotImplementedError("a RemoteModel is read by span only; open_model downloads the weights")
+
+    def read_span(self, name: str, start: int, length: int) -> torch.Tensor:
+        from huggingface_hub import get_session, hf_hub_url
+        from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]  # public, not in __all__
+
+        info = self.tensors[name]
+        filename = str(info.file)
+        url = hf_hub_url(self.repo_id, filename, revision=self.commit)
+        if filename not in self._offsets:
+            head = _range_get(get_session(), url, build_hf_headers(), 0, 8, self.repo_id)
+            self._offsets[filename] = 8 + int.from_bytes(head, "little")
+        begin = self._offsets[filename] + self._data_offsets[name] + start * _itemsize(info.dtype)
+        data = _range_get(get_session(), url, build_hf_headers(), begin, length * _itemsize(info.dtype), self.repo_id)
+        return torch.frombuffer(bytearray(data), dtype=ST_TO_TORCH[info.dtype]) if data else torch.empty(0)
+
+
+def _itemsize(code: str) -> int:
+    return torch.empty(0, dtype=ST_TO_TORCH[code]).element_size()
+
+
+def _range_get(session: Any, url: str, headers: dict[str, str], begin: int, size: int, ref: str) -> bytes:
+    if size == 0:
+        return b""
+    response = session.get(url, headers={**headers, "Range": f"bytes={begin}-{begin + size - 1}"}, timeout=30)
+    if response.status_code not in (200, 206):
+        raise ModelNotFoundError(ref, f"reading bytes {begin}-{begin + size - 1} of {url}: HTTP {response.status_code}")
+    content = bytes(response.content)
+    if response.status_code == 200:  # a server that ignores Range sends everything
+        content = content[begin : begin + size]
+    if len(content) != size:
+        raise CorruptFileError(url, f"expected {size} bytes at {begin}, got {len(content)}")
+    return content
+
+
+def open_remote(ref: str) -> ModelSource:
+    """Open a Hub model (``org/name[@revision]``) for checking, without downloading its weights.
+
+    Resolves the revision to a commit, reads every safetensors header by HTTP Range requests
+    (``get_safetensors_metadata``) and fetches config.json and the tokenizer files. Offline
+    (``HF_HUB_OFFLINE=1``) a model in the local cache is opened as a folder instead.
+    """
+    from huggingface_hub import HfApi, constants, snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        NotASafetensorsRepoError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+        SafetensorsParsingError,
+    )
+
+    if constants.HF_HUB_OFFLINE:
+        return open_model(ref, hash_content=False)
+    if not _REPO_RE.match(ref) or ref.startswith((".", "/", "~")):
+        raise ModelNotFoundError(ref, "no such folder, and it is not a Hub repo id (org/name[@revision])")
+    repo_id, _, revision = ref.partition("@")
+    api = HfApi()
+    try:
+        commit = api.model_info(repo_id, revision=revision or None).sha or revision or "main"
+        meta = api.get_safetensors_metadata(repo_id, revision=commit)
+        root = Path(snapshot_download(repo_id, revision=commit, allow_patterns=list(SIDE_FILES)))
+    except RevisionNotFoundError as e:
+        raise ModelNotFoundError(ref, f"revision {revision!r} does not exist") from e
+    except (RepositoryNotFoundError, GatedRepoError) as e:
+        raise ModelNotFoundError(ref, "repo not found on the Hub, or not accessible with your token") from e
+    except NotASafetensorsRepoError as e:
+        raise ModelNotFoundError(ref, "the repo has no *.safetensors weights") from e
+    except SafetensorsParsingError as e:
+        raise CorruptFileError(ref, f"safetensors header: {e}") from e
+    except HfHubHTTPError as e:
+        raise ModelNotFoundError(ref, f"Hub error: {e}") from e
+    tensors: dict[str, TensorInfo] = {}
+    offsets: dict[str, int] = {}
+    for filename, file_meta in meta.files_metadata.items():
+        for name, t in file_meta.tensors.items():
+            if t.dtype not in ST_TO_TORCH:
+                raise CorruptFileError(f"{ref}/{filename}", f"tensor {name} has unsupported dtype {t.dtype}")
+            tensors[name] = TensorInfo(name, t.dtype, tuple(t.shape), Path(filename))
+            offsets[name] = int(t.data_offsets[0])
+    config = _read_json(root / "config.json") if (root / "config.json").is_file() else {}
+    return RemoteModel(
+        ref=ModelRef(kind="hub", id=repo_id, revision=revision or None, commit=commit), root=root,
+        tensors=tensors, config=config, repo_id=repo_id, commit=commit, _data_offsets=offsets,
+    )

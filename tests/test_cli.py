@@ -200,8 +200,9 @@ def test_dense_format_and_float32_output(trio, tmp_path):
 
 def test_allow_vocab_mismatch_reports_skipped_rows(bad, tmp_path):
     out = tmp_path / "out"
+    # target_vocab is initialised independently: --force past the lineage check
     result = invoke("apply", bad.vector, "--base", bad.target_vocab, "-o", out, "--allow-vocab-mismatch", "-q",
-                    "--json")
+                    "--json", "--force")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["skipped_vocab_rows"] == {"model.embed_tokens.weight": 32}
     target = load_tensors(bad.target_vocab)["model.embed_tokens.weight"]

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from rvhub.apply import apply
 from rvhub.card import VectorCard
 from rvhub.compress import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, compress
-from rvhub.errors import IntegrityError, InvalidOptionError, ShapeMismatchError, VectorFormatError
+from rvhub.errors import IncompatibleError, IntegrityError, InvalidOptionError, ShapeMismatchError, VectorFormatError
 from rvhub.extract import extract
 from rvhub.toy import Trio, build_lowrank_trio, rewrite_weights
 
@@ -286,9 +286,12 @@ def test_bad_adapter_folders_are_refused(lowrank: Callable[..., tuple[Trio, Path
     compress(vec, ad, rank=2, progress=False)
     with pytest.raises(VectorFormatError, match="adapter"):
         compress(ad, tmp_path / "again", rank=1, progress=False)
-    # another architecture, other shapes
+    # another architecture: equal tensor names and shapes, but the check tells qwen2 from llama
+    with pytest.raises(IncompatibleError, match="model_type"):
+        apply(ad, str(trio("qwen2_plain").target), tmp_path / "o1", progress=False)
+    assert_no_output(tmp_path / "o1")
     with pytest.raises(ShapeMismatchError):
-        apply(ad, str(trio("qwen2_wide").target), tmp_path / "o1", progress=False)
+        apply(ad, str(trio("qwen2_wide").target), tmp_path / "o1", progress=False, force=True)
     assert_no_output(tmp_path / "o1")
     (ad / ADAPTER_CONFIG).unlink()
     with pytest.raises(IntegrityError, match=ADAPTER_CONFIG):

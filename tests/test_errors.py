@@ -115,8 +115,9 @@ def test_allowed_vocab_mismatch_moves_common_rows_only(trio, vector, tmp_path, r
     target_dir = build_model(tmp_path / "target", "qwen2", seed=7, vocab=rows)
     target, sft, rl = load_tensors(target_dir), load_tensors(t.sft), load_tensors(t.rl)
 
+    # an independently initialised target: force past the lineage check, the arithmetic is what is tested
     result = apply(vector("qwen2_plain"), str(target_dir), tmp_path / "out", allow_vocab_mismatch=True,
-                   chunk_elems=1000, progress=False)
+                   force=True, chunk_elems=1000, progress=False)
 
     assert result.skipped_vocab_rows == {EMBED: abs(rows - 128)}
     out = load_tensors(tmp_path / "out")
@@ -131,7 +132,7 @@ def test_allowed_vocab_mismatch_moves_common_rows_only(trio, vector, tmp_path, r
 def test_allowed_vocab_mismatch_on_untied_model(vector, tmp_path):
     target_dir = build_model(tmp_path / "target", "llama", seed=8, vocab=144)
     result = apply(vector("llama_plain"), str(target_dir), tmp_path / "out", allow_vocab_mismatch=True,
-                   progress=False)
+                   force=True, progress=False)
     assert result.skipped_vocab_rows == {EMBED: 16, HEAD: 16}
     out, target = load_tensors(tmp_path / "out"), load_tensors(target_dir)
     for name in (EMBED, HEAD):

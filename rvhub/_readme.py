@@ -1,0 +1,241 @@
+"""The Hub card (README.md) of a vector folder, rendered from its :class:`~rvhub.card.VectorCard`.
+
+YAML metadata through ``huggingface_hub.ModelCardData`` and the body through ``ModelCard.from_template``
+with the template ``cards/vector-card.md``. Pure: no network call (``ModelCard.validate`` and
+``push_to_hub`` are the card functions that talk to the Hub, and they are not used here).
+
+The card's JSON is embedded at the end in an HTML comment (``<!-- rvhub-card … -->``, with ``<``, ``>``
+and ``&`` escaped as JSON ``\\u`` sequences so nothing in it can close the comment): the README alone gives
+the card back, and ``VectorCard.from_readme(render_readme(card)) == card``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import VectorFormatError
+
+if TYPE_CHECKING:
+    from .card import BenchmarkDelta, ModelRef, VectorCard
+
+TEMPLATE = Path(__file__).resolve().parent.parent / "cards" / "vector-card.md"
+_EMBED = re.compile(r"<!-- rvhub-card\n(.*?)\n-->", re.DOTALL)
+TAGS = ["reasoning-vector", "task-vector", "rvhub"]
+
+
+def render_readme(card: VectorCard, repo_id: str | None = None) -> str:
+    """README.md for ``card``: Hub YAML metadata, a readable body, and the card's JSON."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    lora = card.format == "lora"
+    data = ModelCardData(
+        base_model=_base_models(card) or None,
+        base_model_relation="adapter" if _base_models(card) else None,
+        library_name="peft" if lora else None,
+        license=card.license,
+        tags=TAGS + (["lora"] if lora else []),
+        model_name=_title(card),
+        eval_results=_eval_results(card) or None,
+    )
+    text = ModelCard.from_template(data, template_str=TEMPLATE.read_text(encoding="utf-8"), **_context(card, repo_id))
+    return str(text).rstrip("\n") + "\n"
+
+
+def describe(card: VectorCard, name: str) -> str:
+    """A few lines for the terminal (``rvhub card VEC``)."""
+    lines = [
+        f"{name}: {card.format} vector{' (exact)' if card.exact else ''}, {len(card.tensors)} tensors, "
+        f"{sum(f.size for f in card.files):,} bytes in {len(card.files)} file(s)",
+        f"  from {card.source_from}",
+        f"  to   {card.source_to}",
+        f"  recommended α {card.recommended_scale:g}; bases: {', '.join(card.recommended_bases) or 'none'}; "
+        f"license: {card.license or 'not stated'}",
+        f"  fingerprints: {'recorded' if card.fingerprints else 'none'}",
+    ]
+    for d in card.benchmarks:
+        s = d.scores
+        others = (("−αv", s.minus), ("control", s.control))
+        extra = "".join(f", {k} {v:.4g} ({v - s.target:+.4g})" for k, v in others if v is not None)
+        lines.append(f"  {d.benchmark} {d.metric} on {d.target}: {s.target:.4g} → +αv {s.plus:.4g} "
+                     f"({s.plus - s.target:+.4g}){extra}; α={d.scale:g}, n={d.n}, {_setup(d)}")
+    return "\n".join(lines)
+
+
+def embedded_json(text: str, where: str) -> str:
+    """The card JSON embedded in a rendered README."""
+    found = _EMBED.findall(text)
+    if len(found) != 1:
+        raise VectorFormatError(where, f"expected one embedded rvhub card (<!-- rvhub-card … -->), found {len(found)}")
+    return str(found[0])
+
+
+def _escape_json(text: str) -> str:
+    # '<', '>' and '&' only occur inside JSON strings, where \u escapes mean the same characters
+    return text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
+
+
+def _base_models(card: VectorCard) -> list[str]:
+    if card.recommended_bases:
+        return list(card.recommended_bases)
+    return [card.source_from.id] if card.source_from.kind == "hub" else []
+
+
+def _short(ref: ModelRef) -> str:
+    return ref.id if ref.kind == "hub" else Path(ref.id).name or ref.id
+
+
+def _title(card: VectorCard) -> str:
+    return f"Reasoning vector: {_short(card.source_to)} − {_short(card.source_from)}"
+
+
+def _ref_text(ref: ModelRef) -> str:
+    if ref.kind == "hub":
+        pin = ref.commit or ref.revision or "main"
+        return f"[`{ref.id}`](https://huggingface.co/{ref.id}) at `{pin}`"
+    return f"local folder `{_cell(ref.id)}` (content sha256 `{str(ref.content_sha256)[:16]}…`)"
+
+
+def _eval_results(card: VectorCard) -> list[Any]:
+    from huggingface_hub import EvalResult
+
+    return [
+        EvalResult(
+            task_type="text-generation",
+            dataset_type=d.benchmark,
+            dataset_name=d.benchmark,
+            metric_type=d.metric,
+            metric_value=d.scores.plus,
+            metric_name=f"{d.metric} of {d.target} + {d.scale:g}·v",
+            metric_config=d.harness.filter,
+            dataset_args={"num_fewshot": d.harness.num_fewshot} if d.harness.num_fewshot is not None else None,
+        )
+        for d in card.benchmarks
+    ]
+
+
+def _cell(value: object) -> str:
+    """Text safe inside a markdown table cell (and outside HTML)."""
+    text = " ".join(str(value).split())
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _num(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def _with_diff(x: float | None, base: float, err: float | None) -> str:
+    if x is None:
+        return "–"
+    pm = f" ± {_num(err)}" if err is not None else ""
+    return f"{_num(x)}{pm} ({x - base:+.4g})"
+
+
+def _setup(d: BenchmarkDelta) -> str:
+    h = d.harness
+    parts = [h.name + (f" {h.version[:12]}" if h.version else "")]
+    if h.num_fewshot is not None:
+        parts.append(f"{h.num_fewshot}-shot")
+    if h.chat_template is not None:
+        parts.append("chat template" if h.chat_template else "no chat template")
+    if h.fewshot_as_multiturn:
+        parts.append("few-shot as multi-turn")
+    if h.filter:
+        parts.append(f"filter {h.filter}")
+    if h.system_instruction:
+        parts.append("system prompt")
+    if h.prompt:
+        parts.append(f"prompt `{h.prompt[:60]}`")
+    return ", ".join(parts)
+
+
+def _delta_row(d: BenchmarkDelta) -> dict[str, str]:
+    s, e = d.scores, d.stderr
+    return {
+        "benchmark": _cell(d.benchmark),
+        "metric": _cell(d.metric + ("" if d.higher_is_better else " (lower is better)")),
+        "target": _cell(d.target),
+        "n": str(d.n) if d.n is not None else "–",
+        "setup": _cell(_setup(d)),
+        "score_target": _num(s.target) + (f" ± {_num(e.target)}" if e else ""),
+        "plus": _with_diff(s.plus, s.target, e.plus if e else None).replace("(", f"(α={d.scale:g}: ", 1),
+        "minus": _with_diff(s.minus, s.target, e.minus if e else None),
+        "control": _with_diff(s.control, s.target, e.control if e else None),
+    }
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def _context(card: VectorCard, repo_id: str | None) -> dict[str, Any]:
+    from .card import CARD_FILE
+
+    bases = card.recommended_bases
+    fp = card.fingerprints
+    ctx: dict[str, Any] = {
+        "card": card,
+        "title": _cell(_title(card)),
+        "from_ref": _ref_text(card.source_from),
+        "to_ref": _ref_text(card.source_to),
+        "form_text": {
+            "sparse": "sparse, exact (bitmask of changed elements + their deltas)",
+            "dense": f"dense, {card.values_dtype} deltas",
+            "lora": "PEFT LoRA adapter + residual file for what LoRA cannot carry",
+        }[card.format] + ("; applied to `from` it reproduces `to` exactly" if card.exact else ""),
+        "scale": f"{card.recommended_scale:g}",
+        "bases": ", ".join(f"[`{b}`](https://huggingface.co/{b})" for b in bases) or "none given",
+        "model_type": f"`{card.model_type}`" if card.model_type else "unknown model_type",
+        "n_tensors": len(card.tensors),
+        "license": card.license or "not stated (check the source models' licenses)",
+        "lora": card.format == "lora",
+        "repo": repo_id or "REPO_ID",
+        "vector_ref": repo_id or "./VECTOR_FOLDER",
+        "base_example": bases[0] if bases else "TARGET_MODEL",
+        "deltas": [_delta_row(d) for d in card.benchmarks],
+        "any_stderr": any(d.stderr for d in card.benchmarks),
+        "all_control": all(d.scores.control is not None for d in card.benchmarks),
+        "any_control": any(d.scores.control is not None for d in card.benchmarks),
+        "comp": card.compression,
+        "fp": fp,
+        "card_json": _escape_json(card.model_dump_json()),
+        "card_file": CARD_FILE,
+    }
+    comp = card.compression
+    if comp is not None:
+        ranks = sorted({m.rank for m in comp.modules})
+        ctx.update(
+            n_modules=len(comp.modules),
+            ranks=(f"{ranks[0]}–{ranks[-1]}" if len(ranks) > 1 else str(ranks[0])) if ranks else "none",
+            adapter_share=_pct(comp.adapter_energy),
+            residual_share=_pct(comp.residual_energy),
+            dropped_share=_pct(comp.dropped_energy),
+            rel_error=f"{comp.rel_error:.4g}",
+            adapter_mb=_mb(comp.adapter_bytes),
+            residual_mb=_mb(comp.residual_bytes),
+            vector_mb=_mb(comp.vector_bytes),
+            residual_text=_cell(", ".join(comp.residual[:6]) + (" …" if len(comp.residual) > 6 else "")) or "nothing",
+        )
+    if fp is not None:
+        values = fp.config.values
+        shown = [f"`{k}` = `{_cell(json.dumps(v))}`" for k, v in sorted(values.items())]
+        ctx["config_text"] = ", ".join(shown) or "no fields"
+        tok = fp.tokenizer
+        ctx["tokenizer_text"] = (
+            f"{tok.vocab_size} vocabulary entries (sha256 `{tok.vocab_sha256[:16]}`), "
+            f"{len(tok.added_tokens)} added tokens, from {tok.source}"
+            if tok else "none recorded (the `from` model had no tokenizer files)"
+        )
+        n_values = sum(length for t in fp.lineage.tensors for _, length in t.spans)
+        ctx["lineage_text"] = (
+            f"{n_values} weights sampled (seed {fp.lineage.seed}) from "
+            + ", ".join(f"`{t.name}`" for t in fp.lineage.tensors)
+            + "; a target must correlate with them to count as a sibling"
+        )
+    return ctx
