@@ -376,7 +376,7 @@ class VectorCard(_Frozen):
         if version != SCHEMA_VERSION:
             newer = isinstance(version, int) and version > SCHEMA_VERSION
             writer = f", written by rvhub {raw.get('rvhub_version')}" if raw.get("rvhub_version") else ""
-            hint = "upgrade rvhub (pip install -U rvhub) to read it" if newer else "it is not an rvhub card"
+            hint = "read it with a newer rvhub" if newer else "it is not an rvhub card"
             raise VectorFormatError(
                 where,
                 f"{CARD_FILE} has schema_version {version!r}{writer}; this rvhub ({__version__}) reads schema "
