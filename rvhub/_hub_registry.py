@@ -71,7 +71,7 @@ class HubRegistry(Registry):
 
     @property
     def description(self) -> str:  # type: ignore[override]
-        return f"the Hub ({self.endpoint})"
+        return f"the Hub at {self.endpoint}"
 
     def __repr__(self) -> str:  # never shows the token
         return f"HubRegistry({self.endpoint!r})"

@@ -196,3 +196,17 @@ class RegistryUnavailableError(RegistryError):
     def __init__(self, repo_id: str, action: str, reason: str) -> None:
         self.action = action
         super().__init__(repo_id, f"{action} {repo_id} failed: {reason}")
+
+
+class DownloadIntegrityError(IntegrityError):
+    """A file fetched from a registry is missing or does not match the size and sha256 its card records."""
+
+    def __init__(self, ref: str, file: str, where: str, missing: bool = False) -> None:
+        IntegrityError.__init__(self, f"{ref}/{file}", "")
+        self.ref = ref
+        self.file = file
+        what = "is missing" if missing else "does not match the size and sha256 in the vector's card"
+        self.args = (
+            f"{file} of {ref} from {where} {what}: refused, nothing was written (the bad copy was dropped "
+            "from the cache; if pulling again fails the same way, the registry's copy is damaged)",
+        )

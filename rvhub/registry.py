@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._io import atomic_dir, check_output, copy_file, dtype_code, sha256_file
 from .card import CARD_FILE, VectorCard, verify_files
-from .errors import IntegrityError, InvalidOptionError
+from .errors import DownloadIntegrityError, IntegrityError, InvalidOptionError
 
 if TYPE_CHECKING:
     from .apply import ApplyResult
@@ -312,12 +312,10 @@ def pull(
     try:
         verify_files(folder, card)
     except IntegrityError as e:
+        name = Path(e.path).name
+        missing = not (folder / name).exists()
         reg.discard(folder, names)
-        raise IntegrityError(
-            f"{vref.repo_id}@{commit[:12]}: {Path(e.path).name}",
-            f"the file served by {reg.description} does not match the sha256 in the vector's card (refused; "
-            "nothing was written)",
-        ) from e
+        raise DownloadIntegrityError(f"{vref.repo_id}@{commit[:12]}", name, reg.description, missing) from e
     path = folder
     if out is not None:
         with atomic_dir(Path(out), overwrite) as tmp:
@@ -438,11 +436,12 @@ def describe_card(card: VectorCard) -> list[str]:
     SEAM (issue 4): add benchmark deltas and recommended bases when the card carries them.
     """
     changed = sum(t.changed for t in card.tensors)
+    dtypes = "the models' own dtype" if card.values_dtype == "source" else card.values_dtype
     lines = [
         f"  v = to − from; from: {card.source_from}",
         f"                 to:   {card.source_to}",
         f"  model: {card.model_type or 'unknown type'}, {'tied' if card.tie_word_embeddings else 'untied'} embeddings",
-        f"  form: {card.format}, {'exact' if card.exact else 'lossy'}, values {card.values_dtype}; "
+        f"  form: {card.format}, {'exact' if card.exact else 'lossy'}, deltas in {dtypes}; "
         f"{len(card.tensors)} tensors changed ({changed:,} elements), {len(card.unchanged)} unchanged",
     ]
     c = card.compression

@@ -29,6 +29,7 @@ from rvhub.errors import (
     RegistryUnavailableError,
     RepoNotFoundError,
     RevisionNotFoundError,
+    VectorFormatError,
 )
 from rvhub.registry import info, pull, pull_apply, push, search
 
@@ -161,7 +162,7 @@ def test_tampered_file_is_refused_with_no_output(request, registry, hub, vector,
         data[len(data) // 2] ^= 0xFF
         (snapshot / "vector.safetensors").write_bytes(bytes(data))
     for _ in range(2):  # refused again: the damaged copy is not kept as if it were good
-        with pytest.raises(IntegrityError, match=r"vector\.safetensors.*does not match the sha256"):
+        with pytest.raises(IntegrityError, match=r"vector\.safetensors of .* does not match the size and sha256"):
             pull(repo, registry=registry, out=tmp_path / "vec", progress=False)
         assert_no_output(tmp_path / "vec")
     with pytest.raises(IntegrityError, match=r"vector\.safetensors"):
@@ -227,7 +228,7 @@ def test_a_download_that_keeps_failing_is_a_clear_error_with_no_output(request, 
     repo = repo_name(request)
     push(vector("qwen2_plain"), repo, progress=False)
     hub.drop_next_downloads("vector.safetensors", 100, after_bytes=0)
-    with pytest.raises(RegistryUnavailableError, match="connection to the Hub .* failed"):
+    with pytest.raises(RegistryUnavailableError, match="connection to the Hub at .* failed"):
         pull(repo, out=tmp_path / "vec", progress=False)
     assert_no_output(tmp_path / "vec")
 
@@ -273,6 +274,8 @@ def test_search_base_reads_a_hub_target_by_its_headers(request, hub, hub_env, ve
     assert [h.repo_id for h in found.hits] == [repo]
     assert hub.requests("GET", f"/{target}/resolve/") > ranged  # config.json and safetensors header only
     assert not any(p.endswith("model.safetensors") and s == 200 for m, p, s in hub.log if m == "GET")
+    with pytest.raises(VectorFormatError, match="no rvhub.json: it is not an rvhub vector"):
+        info(target)
 
 
 # ------------------------------------------------------------------ the CLI's options
