@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._io import atomic_dir, check_output, copy_file, dtype_code, sha256_file
 from .card import CARD_FILE, VectorCard, verify_files
-from .errors import DownloadIntegrityError, IntegrityError, InvalidOptionError
+from .errors import DownloadIntegrityError, IntegrityError, InvalidOptionError, RegistryError, VectorFormatError
 
 if TYPE_CHECKING:
     from .apply import ApplyResult
@@ -389,8 +389,12 @@ def search(
     hits: list[SearchHit] = []
     rejected: list[SearchHit] = []
     for hit in found:
-        card_dir, commit = reg.fetch_card(VectorRef(hit.repo_id, hit.commit))
-        card = VectorCard.read(card_dir)
+        try:
+            card_dir, commit = reg.fetch_card(VectorRef(hit.repo_id, hit.commit))
+            card = VectorCard.read(card_dir)
+        except (VectorFormatError, RegistryError) as e:  # one unreadable repo does not end the search
+            rejected.append(replace(hit, fit=Fit(False, str(e))))
+            continue
         fit = fit_to_base(card, target)
         (hits if fit.fits else rejected).append(replace(hit, commit=commit, card=card, fit=fit))
     return SearchResult(reg.description, query, base, hits, rejected)

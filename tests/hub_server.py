@@ -203,6 +203,9 @@ class _Handler(BaseHTTPRequestHandler):
             status = e.status
             self._send_json(e.status, {"error": e.message}, {**({"X-Error-Code": e.code} if e.code else {}),
                                                               "X-Error-Message": e.message, **e.headers})
+        except Exception as e:  # a bug in this fixture: answer it, so the test fails with a readable message
+            self._send_json(500, {"error": f"local hub fixture: {e!r}"})
+            raise
         finally:
             with self.hub.lock:
                 self.hub.log.append((method, url.path, status))

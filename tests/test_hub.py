@@ -87,7 +87,9 @@ def test_push_info_search_pull_apply_round_trip_cli(request, hub, hub_env, vecto
         assert done.returncode == 0, done.stderr
         return done
 
-    pushed = json.loads(rvhub("push", vec, repo, "--json").stdout)  # progress bars on: they must not leak either
+    done = rvhub("push", vec, repo, "--json")  # progress bars on: they must not leak the token either
+    assert "vector.safetensors" in done.stderr  # the upload's progress bar
+    pushed = json.loads(done.stdout)
     assert pushed["committed"] and pushed["commit"] == hub.history(repo)[0]
     assert sorted(pushed["uploaded"]) == ["README.md", "rvhub.json", "vector.safetensors"]
 
@@ -100,7 +102,9 @@ def test_push_info_search_pull_apply_round_trip_cli(request, hub, hub_env, vecto
     assert [h["repo_id"] for h in found["hits"]] == [repo]
 
     out = tmp_path / "merged"
-    pulled = json.loads(rvhub("pull", repo, "--apply", "--base", t.target, "-o", out, "-a", "0.5", "--json").stdout)
+    done = rvhub("pull", repo, "--apply", "--base", t.target, "-o", out, "-a", "0.5", "--json", "--quiet")
+    assert done.stderr == ""  # --quiet: no download or apply progress bar
+    pulled = json.loads(done.stdout)
     assert pulled["commit"] == pushed["commit"] and pulled["applied"]["out"] == str(out)
     local = apply(vec, str(t.target), tmp_path / "local", scale=0.5, progress=False)
     assert_bitwise_equal(load_tensors(out), load_tensors(Path(local.out)), "pull --apply vs local apply")
@@ -273,7 +277,8 @@ def test_search_base_reads_a_hub_target_by_its_headers(request, hub, hub_env, ve
     found = search(repo.split("/")[1], base=target)
     assert [h.repo_id for h in found.hits] == [repo]
     assert hub.requests("GET", f"/{target}/resolve/") > ranged  # config.json and safetensors header only
-    assert not any(p.endswith("model.safetensors") and s == 200 for m, p, s in hub.log if m == "GET")
+    weights = [s for m, p, s in hub.log if m == "GET" and p.endswith(f"{target}/resolve/main/model.safetensors")]
+    assert weights and set(weights) == {206}  # the header by Range requests, never the whole file
     with pytest.raises(VectorFormatError, match="no rvhub.json: it is not an rvhub vector"):
         info(target)
 
