@@ -43,6 +43,7 @@ from huggingface_hub.utils.tqdm import disable_progress_bars
 from .card import CARD_FILE
 from .errors import (
     AuthError,
+    InvalidOptionError,
     ModelNotFoundError,
     RegistryError,
     RegistryUnavailableError,
@@ -70,7 +71,7 @@ class HubRegistry(Registry):
         return self._endpoint or constants.ENDPOINT
 
     @property
-    def description(self) -> str:  # type: ignore[override]
+    def description(self) -> str:
         return f"the Hub at {self.endpoint}"
 
     def __repr__(self) -> str:  # never shows the token
@@ -246,15 +247,15 @@ def _bars(progress: bool) -> Iterator[None]:
 def read_target(base: str) -> TargetInfo:
     """Model type, tying and tensor shapes of a target (a folder, or a Hub repo id read by its safetensors
     headers: nothing but config.json and the headers is downloaded)."""
-    from .sources import _REPO_RE as _REPO_REF
     from .sources import open_model, tied_embeddings
 
     if Path(base).expanduser().exists():
         src = open_model(base, hash_content=False)
         return TargetInfo(base, src.model_type, src.tied, {n: t.shape for n, t in src.tensors.items()})
-    if not _REPO_REF.match(base):
-        raise ModelNotFoundError(base, "no such folder, and it is not a Hub repo id (org/name[@revision])")
-    vref = VectorRef.parse(base)
+    try:
+        vref = VectorRef.parse(base)
+    except InvalidOptionError as e:
+        raise ModelNotFoundError(base, "no such folder, and it is not a Hub repo id (org/name[@revision])") from e
     hub = HubRegistry()
     with hub._errors(vref.repo_id, vref.revision, "read"):
         meta = hub._api().get_safetensors_metadata(vref.repo_id, revision=vref.revision)

@@ -37,7 +37,7 @@ class LocalRegistry(Registry):
         self.root = Path(root).expanduser().absolute()
 
     @property
-    def description(self) -> str:  # type: ignore[override]
+    def description(self) -> str:
         return f"registry folder {self.root}"
 
     def _repo(self, repo_id: str) -> Path:

@@ -191,7 +191,10 @@ class Upload:
 class Registry(ABC):
     """Where vector repos live. Implementations: ``HubRegistry`` and ``LocalRegistry``."""
 
-    description: str  # for messages: "the Hub (https://huggingface.co)", "registry folder /srv/rv"
+    @property
+    @abstractmethod
+    def description(self) -> str:
+        """For messages: "the Hub at https://huggingface.co", "registry folder /srv/rv"."""
 
     @abstractmethod
     def publish(
