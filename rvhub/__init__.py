@@ -2,8 +2,9 @@
 
 The public API is importable from here; heavy modules (torch) load on first use, so ``rvhub --help``
 stays fast. The commands' functions are also in their modules: ``rvhub.extract.extract``,
-``rvhub.apply.apply`` (here ``extract_vector`` and ``apply_vector``: a package attribute named like one of
-its submodules would be replaced by the submodule once it is imported).
+``rvhub.apply.apply``, ``rvhub.registry.push``/``pull``/``pull_apply``/``info``/``search`` (here
+``extract_vector``, ``apply_vector``, ``push_vector``…: a package attribute named like one of its submodules
+would be replaced by the submodule once it is imported).
 """
 
 from __future__ import annotations
@@ -29,6 +30,14 @@ __all__ = [
     "VectorCard",
     "ModelRef",
     "RvhubError",
+    "push_vector",
+    "pull_vector",
+    "pull_and_apply",
+    "vector_info",
+    "search_vectors",
+    "open_registry",
+    "HubRegistry",
+    "LocalRegistry",
 ]
 
 _EXPORTS = {  # public name -> (module, name there)
@@ -46,9 +55,19 @@ _EXPORTS = {  # public name -> (module, name there)
     "VectorCard": ("rvhub.card", "VectorCard"),
     "ModelRef": ("rvhub.card", "ModelRef"),
     "RvhubError": ("rvhub.errors", "RvhubError"),
+    "push_vector": ("rvhub.registry", "push"),
+    "pull_vector": ("rvhub.registry", "pull"),
+    "pull_and_apply": ("rvhub.registry", "pull_apply"),
+    "vector_info": ("rvhub.registry", "info"),
+    "search_vectors": ("rvhub.registry", "search"),
+    "open_registry": ("rvhub.registry", "open_registry"),
+    "HubRegistry": ("rvhub._hub_registry", "HubRegistry"),
+    "LocalRegistry": ("rvhub._local_registry", "LocalRegistry"),
 }
 
 if TYPE_CHECKING:
+    from ._hub_registry import HubRegistry
+    from ._local_registry import LocalRegistry
     from .apply import ApplyResult
     from .apply import apply as apply_vector
     from .benchmarks import edit_card, import_lm_eval
@@ -59,6 +78,12 @@ if TYPE_CHECKING:
     from .extract import ExtractResult
     from .extract import extract as extract_vector
     from .formats import VectorFolder
+    from .registry import info as vector_info
+    from .registry import open_registry
+    from .registry import pull as pull_vector
+    from .registry import pull_apply as pull_and_apply
+    from .registry import push as push_vector
+    from .registry import search as search_vectors
     from .sources import ModelSource, open_model
 
 

@@ -49,6 +49,29 @@ OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder (must n
 ShardOpt = Annotated[
     str, typer.Option("--max-shard-size", help="Largest safetensors shard, e.g. 2GB, 500MB, 1GiB (bytes).")
 ]
+RegistryOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--registry",
+        help="A local registry folder instead of the Hub (default: $RVHUB_REGISTRY if set, else the Hub at "
+        "$HF_ENDPOINT or huggingface.co).",
+    ),
+]
+ScaleOpt = Annotated[float, typer.Option("--scale", "-a", help="α in θ_base + α·v; -1 subtracts the vector.")]
+DtypeOpt = Annotated[
+    str | None, typer.Option(help="Output dtype (bfloat16, float16, float32); default: the base's own.")
+]
+DeviceOpt = Annotated[str, typer.Option(help="Where the arithmetic runs: cpu or cuda[:N].")]
+VocabOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-vocab-mismatch",
+        help="If vocabulary sizes differ, apply the delta to the common rows and report the rest.",
+    ),
+]
+ForceOpt = Annotated[
+    bool, typer.Option("--force", help="Apply even if the base fails the compatibility check (rvhub check).")
+]
 
 T = TypeVar("T")
 
@@ -138,21 +161,11 @@ def apply(
     ],
     base: Annotated[str, typer.Option("--base", help="The target model: folder or org/name\\[@rev].")],
     out: OutOpt,
-    scale: Annotated[float, typer.Option("--scale", "-a", help="α in θ_base + α·v; -1 subtracts the vector.")] = 1.0,
-    dtype: Annotated[
-        str | None, typer.Option(help="Output dtype (bfloat16, float16, float32); default: the base's own.")
-    ] = None,
-    device: Annotated[str, typer.Option(help="Where the arithmetic runs: cpu or cuda[:N].")] = "cpu",
-    allow_vocab_mismatch: Annotated[
-        bool,
-        typer.Option(
-            "--allow-vocab-mismatch",
-            help="If vocabulary sizes differ, apply the delta to the common rows and report the rest.",
-        ),
-    ] = False,
-    force: Annotated[
-        bool, typer.Option("--force", help="Apply even if the base fails the compatibility check (rvhub check).")
-    ] = False,
+    scale: ScaleOpt = 1.0,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = "cpu",
+    allow_vocab_mismatch: VocabOpt = False,
+    force: ForceOpt = False,
     max_shard_size: ShardOpt = "5GB",
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
@@ -164,17 +177,148 @@ def apply(
     The base must first pass the compatibility check (`rvhub check`); --force skips it."""
     from .apply import apply as run
 
-    def human(r: Any) -> str:
-        skipped = "".join(f"; {n}: {k} vocab row(s) without delta" for n, k in r.skipped_vocab_rows.items())
-        return (
-            f"wrote {r.out}: α={r.scale:g}, {r.tensors_changed} tensors changed, {r.tensors_copied} copied, "
-            f"{_mb(r.output_bytes)}, {r.seconds:.1f}s on {r.device}{skipped}"
-        )
-
     _run(debug, json_out, lambda: run(
         vector, base, out, scale=scale, dtype=dtype, device=device, overwrite=overwrite,
         allow_vocab_mismatch=allow_vocab_mismatch, force=force, max_shard_size=max_shard_size, progress=not quiet,
+    ), _applied)
+
+
+
+
+def _applied(r: Any) -> str:
+    skipped = "".join(f"; {n}: {k} vocab row(s) without delta" for n, k in r.skipped_vocab_rows.items())
+    return (
+        f"wrote {r.out}: α={r.scale:g}, {r.tensors_changed} tensors changed, {r.tensors_copied} copied, "
+        f"{_mb(r.output_bytes)}, {r.seconds:.1f}s on {r.device}{skipped}"
+    )
+
+
+@app.command()
+def push(
+    vector: Annotated[Path, typer.Argument(help="A vector folder (rvhub.json and the files it lists).")],
+    repo_id: Annotated[str, typer.Argument(help="Where to publish it: org/name (created if needed).")],
+    private: Annotated[bool, typer.Option("--private", help="Create the repo private (a new repo only).")] = False,
+    revision: Annotated[
+        str | None, typer.Option("--revision", help="Branch to commit to (created from main if needed).")
+    ] = None,
+    message: Annotated[str | None, typer.Option("--message", "-m", help="Commit message.")] = None,
+    registry: RegistryOpt = None,
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Publish a vector in one commit (card and sha256 checked first); an identical push makes no commit.
+
+    The Hub token comes from HF_TOKEN or `hf auth login`; it is never printed."""
+    from .registry import push as run
+
+    def human(r: Any) -> str:
+        where = f"{r.repo_id}@{r.branch}"
+        if not r.committed:
+            return f"{where} already holds this vector (commit {r.commit[:12]}): no new commit"
+        deleted = f", removed {len(r.deleted)} stale" if r.deleted else ""
+        return f"pushed {where}: commit {r.commit[:12]}, {len(r.uploaded)} of {len(r.files)} files uploaded{deleted}"
+
+    _run(debug, json_out, lambda: run(
+        vector, repo_id, registry=registry, private=private, revision=revision, message=message, progress=not quiet,
     ), human)
+
+
+@app.command()
+def pull(
+    ref: Annotated[str, typer.Argument(help="org/name or org/name@revision (a branch or a commit hash).")],
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", "-o",
+            help="Where the result goes: a copy of the vector, or with --apply the merged model. Without it "
+            "(and without --apply) the vector stays in the cache and its path is printed.",
+        ),
+    ] = None,
+    apply_: Annotated[bool, typer.Option("--apply", help="Apply the vector to --base and write -o OUT.")] = False,
+    base: Annotated[
+        str | None, typer.Option("--base", help="With --apply: the target model, folder or org/name\\[@rev].")
+    ] = None,
+    scale: Annotated[float | None, typer.Option("--scale", "-a", help="With --apply: α (default 1).")] = None,
+    dtype: DtypeOpt = None,
+    device: Annotated[str | None, typer.Option(help="With --apply: cpu (default) or cuda[:N].")] = None,
+    allow_vocab_mismatch: VocabOpt = False,
+    max_shard_size: ShardOpt = "5GB",
+    overwrite: OverwriteOpt = False,
+    registry: RegistryOpt = None,
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Download a vector (only its files), verify every sha256 against its card; optionally apply it."""
+    from .errors import InvalidOptionError
+    from .registry import pull as run
+    from .registry import pull_apply
+
+    def human(r: Any) -> str:
+        line = f"pulled {r.repo_id}@{r.commit[:12]}: {len(r.files)} files, {_mb(r.bytes)}, sha256 verified → {r.path}"
+        return line + ("\n" + _applied(r.applied) if r.applied else "")
+
+    def call() -> Any:
+        if apply_:
+            if base is None or out is None:
+                raise InvalidOptionError("--apply", True, "needs --base TARGET and -o OUT")
+            return pull_apply(
+                ref, base, out, registry=registry, scale=1.0 if scale is None else scale, dtype=dtype,
+                device=device or "cpu", overwrite=overwrite, allow_vocab_mismatch=allow_vocab_mismatch,
+                max_shard_size=max_shard_size, progress=not quiet,
+            )
+        given = [o for o, v in (("--base", base), ("--scale", scale), ("--dtype", dtype), ("--device", device))
+                 if v is not None] + (["--allow-vocab-mismatch"] if allow_vocab_mismatch else [])
+        if given:
+            raise InvalidOptionError(given[0], "without --apply", "add --apply (and -o OUT for the merged model)")
+        return run(ref, registry=registry, out=out, overwrite=overwrite, progress=not quiet)
+
+    _run(debug, json_out, call, human)
+
+
+@app.command()
+def info(
+    ref: Annotated[str, typer.Argument(help="org/name or org/name@revision.")],
+    registry: RegistryOpt = None,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Show a vector's card (reads rvhub.json only): sources, form and quality, files."""
+    from .registry import info as run
+
+    _run(debug, json_out, lambda: run(ref, registry=registry), lambda r: "\n".join(r.describe()))
+
+
+@app.command()
+def search(
+    query: Annotated[str | None, typer.Option("--query", help="Text the repo id must contain.")] = None,
+    base: Annotated[
+        str | None,
+        typer.Option("--base", help="Only vectors that fit this target (folder or org/name; headers only)."),
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", help="At most this many repos.")] = 50,
+    registry: RegistryOpt = None,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """List vector repos (on the Hub: models tagged reasoning-vector)."""
+    from .registry import search as run
+
+    def human(r: Any) -> str:
+        if not r.hits:
+            lines = [f"no vectors found in {r.registry}"]
+        else:
+            lines = [f"{len(r.hits)} vector(s) in {r.registry}:"]
+        for h in r.hits:
+            commit = f"@{h.commit[:12]}" if h.commit else ""
+            lines.append(f"  {h.repo_id}{commit}" + (f"  fits: {h.fit.reason}" if h.fit else ""))
+        if r.rejected:
+            lines.append(f"{len(r.rejected)} more do not fit {r.base}:")
+            lines += [f"  {h.repo_id}: {h.fit.reason}" for h in r.rejected]
+        return "\n".join(lines)
+
+    _run(debug, json_out, lambda: run(query, base, registry=registry, limit=limit), human)
 
 
 @app.command()

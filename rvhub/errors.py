@@ -167,3 +167,61 @@ class IncompatibleError(RvhubError):
             f"{target} failed the compatibility check ({shown}); `rvhub check VEC --base TARGET` shows every "
             "check; pass --force to apply anyway"
         )
+
+
+class RegistryError(RvhubError):
+    """A registry (the Hub or a local registry folder) cannot do what was asked."""
+
+    def __init__(self, repo_id: str, message: str) -> None:
+        self.repo_id = repo_id
+        super().__init__(message)
+
+
+class RepoNotFoundError(RegistryError):
+    """The repo does not exist in the registry, or the token may not read it."""
+
+    def __init__(self, repo_id: str, where: str) -> None:
+        self.where = where
+        super().__init__(
+            repo_id,
+            f"vector repo {repo_id!r} not found in {where}; check the id (org/name), and for a private repo "
+            "that your token may read it",
+        )
+
+
+class RevisionNotFoundError(RegistryError):
+    """The repo exists but has no such branch or commit."""
+
+    def __init__(self, repo_id: str, revision: str, known: list[str] | None = None) -> None:
+        self.revision = revision
+        hint = f"; branches: {', '.join(known)}" if known else "; use a branch name or a commit hash"
+        super().__init__(repo_id, f"revision {revision!r} not found in {repo_id!r}{hint}")
+
+
+class AuthError(RegistryError):
+    """No token where one is needed, or the registry refused it. Never carries the token itself."""
+
+    def __init__(self, repo_id: str, reason: str) -> None:
+        super().__init__(repo_id, f"{repo_id}: {reason}")
+
+
+class RegistryUnavailableError(RegistryError):
+    """The registry failed (server error, dropped connection) after retries; nothing was written."""
+
+    def __init__(self, repo_id: str, action: str, reason: str) -> None:
+        self.action = action
+        super().__init__(repo_id, f"{action} {repo_id} failed: {reason}")
+
+
+class DownloadIntegrityError(IntegrityError):
+    """A file fetched from a registry is missing or does not match the size and sha256 its card records."""
+
+    def __init__(self, ref: str, file: str, where: str, missing: bool = False) -> None:
+        IntegrityError.__init__(self, f"{ref}/{file}", "")
+        self.ref = ref
+        self.file = file
+        what = "is missing" if missing else "does not match the size and sha256 in the vector's card"
+        self.args = (
+            f"{file} of {ref} from {where} {what}: refused, nothing was written (the bad copy was dropped "
+            "from the cache; if pulling again fails the same way, the registry's copy is damaged)",
+        )

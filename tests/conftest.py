@@ -17,12 +17,13 @@ os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="rvhub-tests-hf-cache-")
 os.environ["TOKENIZERS_PARALLELISM"] = "false"  # no fork warning from tokenizers in CLI subprocesses
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from bad_inputs import BadInputs, build_bad_inputs
+from hub_server import LocalHub
 
 from rvhub.extract import extract
 from rvhub.toy import Trio, build_trio
@@ -88,3 +89,46 @@ def bad(
     """Broken and mismatched inputs, all derived from the plain qwen2 trio and its sparse vector."""
     sharded = vector("qwen2_plain", max_shard_size="20KB")
     return build_bad_inputs(tmp_path_factory.mktemp("bad"), trio("qwen2_plain"), vector("qwen2_plain"), sharded)
+
+
+# ------------------------------------------------------------------ the local Hub
+
+HUB_TOKEN = "hf_rvhubTESTtoken0123456789abcdefXYZ"  # recognisable: no output may ever contain it
+
+
+@pytest.fixture(scope="session")
+def hub() -> Iterator[LocalHub]:
+    """A Hub-compatible server on 127.0.0.1 (tests/hub_server.py) that accepts HUB_TOKEN only."""
+    server = LocalHub.start(HUB_TOKEN)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def hub_env(hub: LocalHub, monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Point huggingface_hub at the local Hub, online, for this test; return the environment a CLI subprocess
+    needs for the same.
+
+    huggingface_hub reads HF_ENDPOINT, HF_HUB_OFFLINE and HF_HUB_DISABLE_XET once, at import, into
+    ``huggingface_hub.constants``, and every call reads them from there: so in this process the constants are
+    patched (undone after the test; the session stays offline otherwise), and a subprocess gets them as
+    environment variables. The token comes from HF_TOKEN; HF_HOME is empty so that no `hf auth login`
+    token of the developer's can take part.
+    """
+    from huggingface_hub import constants
+
+    home = tmp_path_factory.mktemp("hf-home")
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
+    monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)
+    monkeypatch.delenv("RVHUB_REGISTRY", raising=False)
+    hub.faults.fail_commits = 0
+    hub.faults.drops.clear()
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_DISABLE_PROGRESS_BARS", "RVHUB_DEBUG")}
+    env.update(HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0", HF_HUB_DISABLE_XET="1", HF_TOKEN=HUB_TOKEN,
+               HF_HOME=str(home), TOKENIZERS_PARALLELISM="false")
+    return env

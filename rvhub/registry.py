@@ -1,0 +1,462 @@
+"""Registries: where vectors are published and found. One interface, two registries.
+
+- the Hugging Face Hub (default; honours HF_ENDPOINT; the token comes from HF_TOKEN or ``hf auth login``,
+  resolved by huggingface_hub and never printed), see ``_hub_registry``;
+- a local folder (``--registry PATH`` or RVHUB_REGISTRY) with the same repo layout, for air-gapped teams and
+  offline demos, see ``_local_registry``.
+
+A vector repo holds the vector folder's files: those the card (``rvhub.json``) lists, the card and
+``README.md``. ``push`` checks the card and every file's sha256 before any network call and uploads in one
+commit; an identical push makes no commit. ``pull`` fetches the card first, then only the files it lists,
+and checks every sha256 against it. Network happens here (and in ``sources``) only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ._io import atomic_dir, check_output, copy_file, dtype_code, sha256_file
+from .card import CARD_FILE, VectorCard, verify_files
+from .errors import DownloadIntegrityError, IntegrityError, InvalidOptionError, RegistryError, VectorFormatError
+
+if TYPE_CHECKING:
+    from .apply import ApplyResult
+
+logger = logging.getLogger(__name__)
+
+VECTOR_TAG = "reasoning-vector"
+README_FILE = "README.md"
+REGISTRY_ENV = "RVHUB_REGISTRY"
+_NAME = r"[A-Za-z0-9_](?:[\w\-.]{0,94}[A-Za-z0-9_])?"  # the Hub's rule: no leading/trailing '-' or '.'
+_REPO_ID = re.compile(rf"^{_NAME}/{_NAME}$")
+_REVISION = re.compile(r"^[\w\-.]+(/[\w\-.]+)*$")
+
+
+# ------------------------------------------------------------------ references and results
+
+
+@dataclass(frozen=True)
+class VectorRef:
+    """``org/name`` or ``org/name@revision`` (a branch or a commit hash)."""
+
+    repo_id: str
+    revision: str | None = None
+
+    @classmethod
+    def parse(cls, ref: str) -> VectorRef:
+        repo_id, at, revision = ref.partition("@")
+        check_repo_id(repo_id)
+        if at:
+            check_revision(revision)
+        return cls(repo_id, revision or None)
+
+    def __str__(self) -> str:
+        return f"{self.repo_id}@{self.revision}" if self.revision else self.repo_id
+
+
+def check_repo_id(repo_id: str) -> None:
+    if not _REPO_ID.match(repo_id) or ".." in repo_id or "--" in repo_id:
+        raise InvalidOptionError(
+            "repo id", repo_id, "use org/name: letters, digits, '-', '_', '.', no '--' or '..', at most 96 each"
+        )
+
+
+def check_revision(revision: str) -> None:
+    if not _REVISION.match(revision) or any(p in (".", "..") for p in revision.split("/")):
+        raise InvalidOptionError("revision", revision, "use a branch name or a commit hash")
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """What ``push`` did: ``committed`` is False when the registry already held exactly these files."""
+
+    repo_id: str
+    branch: str
+    commit: str
+    committed: bool
+    files: list[str]
+    uploaded: list[str]
+    deleted: list[str]
+    registry: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PullResult:
+    """What ``pull`` fetched and verified, and where it is; with ``--apply``, what ``apply`` wrote."""
+
+    repo_id: str
+    revision: str | None
+    commit: str
+    path: str
+    files: list[str]
+    bytes: int
+    registry: str
+    applied: ApplyResult | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(replace(self, applied=None))
+        d["applied"] = self.applied.to_dict() if self.applied else None
+        return d
+
+
+@dataclass(frozen=True)
+class VectorInfo:
+    """A vector repo's card at one commit."""
+
+    repo_id: str
+    commit: str
+    registry: str
+    card: VectorCard
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"repo_id": self.repo_id, "commit": self.commit, "registry": self.registry,
+                "card": self.card.model_dump(mode="json")}
+
+    def describe(self) -> list[str]:
+        return [f"{self.repo_id} @ {self.commit[:12]} ({self.registry})", *describe_card(self.card)]
+
+
+@dataclass(frozen=True)
+class Fit:
+    """Whether a vector can be applied to a target, and why (or why not)."""
+
+    fits: bool
+    reason: str
+    lineage: str | None = None
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    repo_id: str
+    commit: str | None
+    card: VectorCard | None = None
+    fit: Fit | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "repo_id": self.repo_id,
+            "commit": self.commit,
+            "format": self.card.format if self.card else None,
+            "model_type": self.card.model_type if self.card else None,
+            "fit": asdict(self.fit) if self.fit else None,
+        }
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    registry: str
+    query: str | None
+    base: str | None
+    hits: list[SearchHit]
+    rejected: list[SearchHit] = field(default_factory=list)  # with --base: vectors that do not fit
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"registry": self.registry, "query": self.query, "base": self.base,
+                "hits": [h.to_dict() for h in self.hits], "rejected": [h.to_dict() for h in self.rejected]}
+
+
+# ------------------------------------------------------------------ the interface
+
+
+@dataclass(frozen=True)
+class Upload:
+    """A file to publish: from the vector folder, or generated (bytes)."""
+
+    name: str
+    source: Path | bytes
+
+    @property
+    def size(self) -> int:
+        return len(self.source) if isinstance(self.source, bytes) else self.source.stat().st_size
+
+    def sha256(self) -> str:
+        if isinstance(self.source, bytes):
+            return hashlib.sha256(self.source).hexdigest()
+        return sha256_file(self.source)
+
+    def read(self) -> bytes:
+        return self.source if isinstance(self.source, bytes) else self.source.read_bytes()
+
+
+class Registry(ABC):
+    """Where vector repos live. Implementations: ``HubRegistry`` and ``LocalRegistry``."""
+
+    @property
+    @abstractmethod
+    def description(self) -> str:
+        """For messages: "the Hub at https://huggingface.co", "registry folder /srv/rv"."""
+
+    @abstractmethod
+    def publish(
+        self, repo_id: str, uploads: list[Upload], *, private: bool, branch: str, message: str, progress: bool
+    ) -> PushResult:
+        """Commit ``uploads`` to ``branch`` in one commit, removing files the previous card listed and the new
+        one does not; no commit when the branch already holds exactly these files."""
+
+    @abstractmethod
+    def fetch_card(self, ref: VectorRef) -> tuple[Path, str]:
+        """The folder holding the repo's ``rvhub.json`` at ``ref``, and the commit it resolved to."""
+
+    @abstractmethod
+    def fetch(self, repo_id: str, commit: str, names: list[str], progress: bool) -> Path:
+        """A local folder holding ``names`` as of ``commit`` (a cache or the registry's own snapshot)."""
+
+    def discard(self, folder: Path, names: list[str]) -> None:  # noqa: B027 (most registries keep no cache)
+        """Forget damaged copies of ``names`` in ``folder`` (a cache), so that the next pull fetches them again."""
+
+    @abstractmethod
+    def list_repos(self, query: str | None, limit: int) -> list[tuple[str, str | None]]:
+        """(repo id, commit) of the vector repos whose id contains ``query``."""
+
+
+def open_registry(registry: str | Path | Registry | None = None) -> Registry:
+    """A registry folder (``registry``, else the RVHUB_REGISTRY variable) or, without either, the Hub."""
+    if isinstance(registry, Registry):
+        return registry
+    location = registry if registry is not None else os.environ.get(REGISTRY_ENV) or None
+    if location is None:
+        from ._hub_registry import HubRegistry
+
+        return HubRegistry()
+    from ._local_registry import LocalRegistry
+
+    return LocalRegistry(Path(location))
+
+
+# ------------------------------------------------------------------ the commands
+
+
+def push(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    registry: str | Path | Registry | None = None,
+    private: bool = False,
+    revision: str | None = None,
+    message: str | None = None,
+    progress: bool = True,
+) -> PushResult:
+    """Publish a vector folder as ``repo_id`` (created if needed) in one commit on ``revision`` (a branch).
+
+    The card and every file's size and sha256 are checked first, before any network call.
+    """
+    folder = Path(folder)
+    check_repo_id(repo_id)
+    branch = revision or "main"
+    check_revision(branch)
+    card = VectorCard.read(folder)
+    verify_files(folder, card)
+    uploads = vector_uploads(folder, card, repo_id)
+    reg = open_registry(registry)
+    text = message or f"rvhub push: {card.format} vector, {len(card.tensors)} tensors"
+    return reg.publish(repo_id, uploads, private=private, branch=branch, message=text, progress=progress)
+
+
+def vector_uploads(folder: Path, card: VectorCard, repo_id: str) -> list[Upload]:
+    """The files of a vector repo: what the card lists, the card itself and README.md."""
+    names = [e.path for e in card.files if e.path not in (CARD_FILE, README_FILE)]
+    uploads = [Upload(n, folder / n) for n in names] + [Upload(CARD_FILE, folder / CARD_FILE)]
+    readme = folder / README_FILE
+    uploads.append(Upload(README_FILE, readme if readme.is_file() else fallback_readme(card, repo_id)))
+    return uploads
+
+
+def fallback_readme(card: VectorCard, repo_id: str) -> bytes:
+    """A minimal model card for a folder without README.md: enough metadata for the Hub to list the repo
+    under the ``reasoning-vector`` tag.
+
+    SEAM (issue 4): `rvhub card` writes README.md into the vector folder; once it does, this is only the
+    fallback for older folders.
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    library = "peft" if card.format == "lora" else None
+    data = ModelCardData(tags=[VECTOR_TAG, "rvhub", card.format], library_name=library)
+    text = "\n".join([
+        f"# {repo_id}", "",
+        f"A reasoning vector v = θ_to − θ_from ({card.format}, {'exact' if card.exact else 'lossy'}) made with rvhub.",
+        "", f"- from: {card.source_from}", f"- to: {card.source_to}", "",
+        f"Apply it: `rvhub pull {repo_id} --apply --base TARGET -o OUT`", "",
+    ])
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{text}")).encode()
+
+
+def pull(
+    ref: str,
+    *,
+    registry: str | Path | Registry | None = None,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> PullResult:
+    """Fetch a vector (``org/name[@rev]``) and verify every file's sha256 against its card.
+
+    Without ``out`` the vector stays where the registry keeps it (the Hugging Face cache for the Hub) and
+    its path is returned; with ``out`` it is copied there atomically (verified again after copying).
+    """
+    vref = VectorRef.parse(ref)
+    if out is not None:
+        check_output(Path(out), overwrite)
+    reg = open_registry(registry)
+    card_dir, commit = reg.fetch_card(vref)
+    card = VectorCard.read(card_dir)
+    names = [CARD_FILE, *(e.path for e in card.files if e.path != CARD_FILE)]
+    folder = reg.fetch(vref.repo_id, commit, names, progress)
+    try:
+        verify_files(folder, card)
+    except IntegrityError as e:
+        name = Path(e.path).name
+        missing = not (folder / name).exists()
+        reg.discard(folder, names)
+        raise DownloadIntegrityError(f"{vref.repo_id}@{commit[:12]}", name, reg.description, missing) from e
+    path = folder
+    if out is not None:
+        with atomic_dir(Path(out), overwrite) as tmp:
+            for name in names:
+                copy_file(folder / name, tmp / name)
+            verify_files(tmp, card)
+        path = Path(out)
+    return PullResult(
+        repo_id=vref.repo_id, revision=vref.revision, commit=commit, path=str(path), files=names,
+        bytes=sum(e.size for e in card.files), registry=reg.description,
+    )
+
+
+def pull_apply(
+    ref: str,
+    base: str,
+    out: str | Path,
+    *,
+    registry: str | Path | Registry | None = None,
+    scale: float = 1.0,
+    dtype: str | None = None,
+    device: str = "cpu",
+    overwrite: bool = False,
+    allow_vocab_mismatch: bool = False,
+    max_shard_size: str | int = "5GB",
+    progress: bool = True,
+) -> PullResult:
+    """``pull`` then ``apply``: write θ_base + scale·v to ``out``. Options are checked before any download.
+
+    The compatibility check runs inside ``apply``.
+    """
+    from .apply import apply, resolve_device
+
+    check_output(Path(out), overwrite)
+    resolve_device(device)
+    if dtype is not None:
+        dtype_code(dtype)
+    pulled = pull(ref, registry=registry, progress=progress)
+    applied = apply(
+        pulled.path, base, out, scale=scale, dtype=dtype, device=device, overwrite=overwrite,
+        allow_vocab_mismatch=allow_vocab_mismatch, max_shard_size=max_shard_size, progress=progress,
+    )
+    return replace(pulled, applied=applied)
+
+
+def info(ref: str, *, registry: str | Path | Registry | None = None) -> VectorInfo:
+    """A vector repo's card, reading ``rvhub.json`` only."""
+    vref = VectorRef.parse(ref)
+    reg = open_registry(registry)
+    card_dir, commit = reg.fetch_card(vref)
+    return VectorInfo(vref.repo_id, commit, reg.description, VectorCard.read(card_dir))
+
+
+def search(
+    query: str | None = None,
+    base: str | None = None,
+    *,
+    registry: str | Path | Registry | None = None,
+    limit: int = 50,
+) -> SearchResult:
+    """Vector repos whose id contains ``query``; with ``base``, only those that fit it (see ``fit_to_base``)."""
+    if limit < 1:
+        raise InvalidOptionError("--limit", limit, "must be at least 1")
+    reg = open_registry(registry)
+    found = [SearchHit(repo_id, commit) for repo_id, commit in reg.list_repos(query, limit)]
+    if base is None:
+        return SearchResult(reg.description, query, None, found)
+    from ._hub_registry import read_target
+
+    target = read_target(base)
+    hits: list[SearchHit] = []
+    rejected: list[SearchHit] = []
+    for hit in found:
+        try:
+            card_dir, commit = reg.fetch_card(VectorRef(hit.repo_id, hit.commit))
+            card = VectorCard.read(card_dir)
+        except (VectorFormatError, RegistryError) as e:  # one unreadable repo does not end the search
+            rejected.append(replace(hit, fit=Fit(False, str(e))))
+            continue
+        fit = fit_to_base(card, target)
+        (hits if fit.fits else rejected).append(replace(hit, commit=commit, card=card, fit=fit))
+    return SearchResult(reg.description, query, base, hits, rejected)
+
+
+# ------------------------------------------------------------------ fit and description (seams for issue 4)
+
+
+@dataclass(frozen=True)
+class TargetInfo:
+    """What the fit check knows about a target model: read from its config and safetensors headers only."""
+
+    ref: str
+    model_type: str | None
+    tied: bool
+    shapes: dict[str, tuple[int, ...]]
+
+
+def fit_to_base(card: VectorCard, target: TargetInfo) -> Fit:
+    """Whether the vector described by ``card`` fits ``target``: same model type and, for every tensor the
+    vector changes, a tensor of the same shape in the target.
+
+    SEAM (issue 4): replace with the architecture-fingerprint check and the lineage sketch comparison
+    (``Fit.lineage``); keep the signature.
+    """
+    if card.model_type and target.model_type and card.model_type != target.model_type:
+        return Fit(False, f"model type {card.model_type} vs {target.model_type} in the target")
+    tied_head = {"lm_head.weight"} if target.tied else set()
+    for t in card.tensors:
+        if t.name in tied_head:
+            return Fit(False, f"the vector changes {t.name}, which the target ties to its embeddings")
+        shape = target.shapes.get(t.name)
+        if shape is None:
+            return Fit(False, f"{t.name} is not in the target")
+        if shape != t.shape:
+            return Fit(False, f"{t.name}: {list(t.shape)} in the vector, {list(shape)} in the target")
+    return Fit(True, f"same model type and the shapes of all {len(card.tensors)} tensors match")
+
+
+def describe_card(card: VectorCard) -> list[str]:
+    """The card in a few lines (sources, form and quality, files).
+
+    SEAM (issue 4): add benchmark deltas and recommended bases when the card carries them.
+    """
+    changed = sum(t.changed for t in card.tensors)
+    dtypes = "the models' own dtype" if card.values_dtype == "source" else card.values_dtype
+    lines = [
+        f"  v = to − from; from: {card.source_from}",
+        f"                 to:   {card.source_to}",
+        f"  model: {card.model_type or 'unknown type'}, {'tied' if card.tie_word_embeddings else 'untied'} embeddings",
+        f"  form: {card.format}, {'exact' if card.exact else 'lossy'}, deltas in {dtypes}; "
+        f"{len(card.tensors)} tensors changed ({changed:,} elements), {len(card.unchanged)} unchanged",
+    ]
+    c = card.compression
+    if c is not None:
+        lines.append(
+            f"  lora: adapter keeps {100 * c.adapter_energy:.1f}% of ‖v‖², residual {100 * c.residual_energy:.1f}%, "
+            f"dropped {100 * c.dropped_energy:.1f}%, relative error {c.rel_error:.3g}"
+        )
+    files = ", ".join(f"{e.path} ({e.size / 1e6:,.2f} MB)" for e in card.files)
+    lines.append(f"  files: {files}")
+    return lines
