@@ -43,15 +43,13 @@ from huggingface_hub.utils.tqdm import disable_progress_bars
 from .card import CARD_FILE
 from .errors import (
     AuthError,
-    InvalidOptionError,
-    ModelNotFoundError,
     RegistryError,
     RegistryUnavailableError,
     RepoNotFoundError,
     RevisionNotFoundError,
     VectorFormatError,
 )
-from .registry import VECTOR_TAG, PushResult, Registry, TargetInfo, Upload, VectorRef
+from .registry import VECTOR_TAG, PushResult, Registry, Upload, VectorRef
 
 logger = logging.getLogger(__name__)
 
@@ -242,25 +240,3 @@ def _bars(progress: bool) -> Iterator[None]:
 
 
 # ------------------------------------------------------------------ targets for `search --base`
-
-
-def read_target(base: str) -> TargetInfo:
-    """Model type, tying and tensor shapes of a target (a folder, or a Hub repo id read by its safetensors
-    headers: nothing but config.json and the headers is downloaded)."""
-    from .sources import open_model, tied_embeddings
-
-    if Path(base).expanduser().exists():
-        src = open_model(base, hash_content=False)
-        return TargetInfo(base, src.model_type, src.tied, {n: t.shape for n, t in src.tensors.items()})
-    try:
-        vref = VectorRef.parse(base)
-    except InvalidOptionError as e:
-        raise ModelNotFoundError(base, "no such folder, and it is not a Hub repo id (org/name[@revision])") from e
-    hub = HubRegistry()
-    with hub._errors(vref.repo_id, vref.revision, "read"):
-        meta = hub._api().get_safetensors_metadata(vref.repo_id, revision=vref.revision)
-        config_path = hf_hub_download(vref.repo_id, "config.json", revision=vref.revision)
-    config = json.loads(Path(config_path).read_text(encoding="utf-8"))
-    shapes = {name: tuple(t.shape) for f in meta.files_metadata.values() for name, t in f.tensors.items()}
-    model_type = config.get("model_type")
-    return TargetInfo(base, str(model_type) if model_type else None, tied_embeddings(config, shapes), shapes)

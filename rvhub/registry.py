@@ -23,16 +23,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._io import atomic_dir, check_output, copy_file, dtype_code, sha256_file
-from .card import CARD_FILE, VectorCard, verify_files
+from .card import CARD_FILE, README_FILE, VectorCard, verify_files
 from .errors import DownloadIntegrityError, IntegrityError, InvalidOptionError, RegistryError, VectorFormatError
 
 if TYPE_CHECKING:
     from .apply import ApplyResult
+    from .sources import ModelSource
 
 logger = logging.getLogger(__name__)
 
 VECTOR_TAG = "reasoning-vector"
-README_FILE = "README.md"
 REGISTRY_ENV = "RVHUB_REGISTRY"
 _NAME = r"[A-Za-z0-9_](?:[\w\-.]{0,94}[A-Za-z0-9_])?"  # the Hub's rule: no leading/trailing '-' or '.'
 _REPO_ID = re.compile(rf"^{_NAME}/{_NAME}$")
@@ -263,32 +263,12 @@ def push(
 
 
 def vector_uploads(folder: Path, card: VectorCard, repo_id: str) -> list[Upload]:
-    """The files of a vector repo: what the card lists, the card itself and README.md."""
+    """The files of a vector repo: what the card lists, the card itself, and README.md rendered from the card
+    for this repo id (so its how-to names the repo; the folder's own README.md has a placeholder)."""
     names = [e.path for e in card.files if e.path not in (CARD_FILE, README_FILE)]
     uploads = [Upload(n, folder / n) for n in names] + [Upload(CARD_FILE, folder / CARD_FILE)]
-    readme = folder / README_FILE
-    uploads.append(Upload(README_FILE, readme if readme.is_file() else fallback_readme(card, repo_id)))
+    uploads.append(Upload(README_FILE, card.to_readme(repo_id=repo_id).encode()))
     return uploads
-
-
-def fallback_readme(card: VectorCard, repo_id: str) -> bytes:
-    """A minimal model card for a folder without README.md: enough metadata for the Hub to list the repo
-    under the ``reasoning-vector`` tag.
-
-    SEAM (issue 4): `rvhub card` writes README.md into the vector folder; once it does, this is only the
-    fallback for older folders.
-    """
-    from huggingface_hub import ModelCard, ModelCardData
-
-    library = "peft" if card.format == "lora" else None
-    data = ModelCardData(tags=[VECTOR_TAG, "rvhub", card.format], library_name=library)
-    text = "\n".join([
-        f"# {repo_id}", "",
-        f"A reasoning vector v = θ_to − θ_from ({card.format}, {'exact' if card.exact else 'lossy'}) made with rvhub.",
-        "", f"- from: {card.source_from}", f"- to: {card.source_to}", "",
-        f"Apply it: `rvhub pull {repo_id} --apply --base TARGET -o OUT`", "",
-    ])
-    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{text}")).encode()
 
 
 def pull(
@@ -379,16 +359,18 @@ def search(
     registry: str | Path | Registry | None = None,
     limit: int = 50,
 ) -> SearchResult:
-    """Vector repos whose id contains ``query``; with ``base``, only those that fit it (see ``fit_to_base``)."""
+    """Vector repos whose id contains ``query``; with ``base``, only those that pass ``rvhub check`` against it
+    (architecture, config and tokenizer fingerprints; the lineage correlation is shown where the card has a
+    sketch). A Hub base is read by its headers and a few byte ranges, never downloaded."""
     if limit < 1:
         raise InvalidOptionError("--limit", limit, "must be at least 1")
     reg = open_registry(registry)
     found = [SearchHit(repo_id, commit) for repo_id, commit in reg.list_repos(query, limit)]
     if base is None:
         return SearchResult(reg.description, query, None, found)
-    from ._hub_registry import read_target
+    from .compat import open_target
 
-    target = read_target(base)
+    target = open_target(base)
     hits: list[SearchHit] = []
     rejected: list[SearchHit] = []
     for hit in found:
@@ -403,45 +385,24 @@ def search(
     return SearchResult(reg.description, query, base, hits, rejected)
 
 
-# ------------------------------------------------------------------ fit and description (seams for issue 4)
+# ------------------------------------------------------------------ fit and description
 
 
-@dataclass(frozen=True)
-class TargetInfo:
-    """What the fit check knows about a target model: read from its config and safetensors headers only."""
+def fit_to_base(card: VectorCard, target: ModelSource) -> Fit:
+    """Whether the vector described by ``card`` fits ``target``: the checks of ``rvhub check``."""
+    from .compat import check_model
 
-    ref: str
-    model_type: str | None
-    tied: bool
-    shapes: dict[str, tuple[int, ...]]
-
-
-def fit_to_base(card: VectorCard, target: TargetInfo) -> Fit:
-    """Whether the vector described by ``card`` fits ``target``: same model type and, for every tensor the
-    vector changes, a tensor of the same shape in the target.
-
-    SEAM (issue 4): replace with the architecture-fingerprint check and the lineage sketch comparison
-    (``Fit.lineage``); keep the signature.
-    """
-    if card.model_type and target.model_type and card.model_type != target.model_type:
-        return Fit(False, f"model type {card.model_type} vs {target.model_type} in the target")
-    tied_head = {"lm_head.weight"} if target.tied else set()
-    for t in card.tensors:
-        if t.name in tied_head:
-            return Fit(False, f"the vector changes {t.name}, which the target ties to its embeddings")
-        shape = target.shapes.get(t.name)
-        if shape is None:
-            return Fit(False, f"{t.name} is not in the target")
-        if shape != t.shape:
-            return Fit(False, f"{t.name}: {list(t.shape)} in the vector, {list(shape)} in the target")
-    return Fit(True, f"same model type and the shapes of all {len(card.tensors)} tensors match")
+    report = check_model(card, target)
+    failed = report.failures()
+    reason = "; ".join(f"{c.name}: {c.summary}" for c in failed) if failed else "; ".join(
+        f"{c.name} {c.status}" for c in report.checks
+    )
+    lineage = next((c.summary for c in report.checks if c.name == "lineage"), None)
+    return Fit(report.ok, reason, lineage)
 
 
 def describe_card(card: VectorCard) -> list[str]:
-    """The card in a few lines (sources, form and quality, files).
-
-    SEAM (issue 4): add benchmark deltas and recommended bases when the card carries them.
-    """
+    """The card in a few lines: sources, form and quality, recommended bases and α, benchmark deltas, files."""
     changed = sum(t.changed for t in card.tensors)
     dtypes = "the models' own dtype" if card.values_dtype == "source" else card.values_dtype
     lines = [
@@ -457,6 +418,15 @@ def describe_card(card: VectorCard) -> list[str]:
             f"  lora: adapter keeps {100 * c.adapter_energy:.1f}% of ‖v‖², residual {100 * c.residual_energy:.1f}%, "
             f"dropped {100 * c.dropped_energy:.1f}%, relative error {c.rel_error:.3g}"
         )
+    bases = ", ".join(card.recommended_bases) or "none given"
+    lines.append(f"  recommended: α = {card.recommended_scale:g} on {bases}")
+    for b in card.benchmarks:
+        sc = b.scores
+        delta = f"{b.benchmark} {b.metric} on {b.target}: {sc.target:.4g} → {sc.plus:.4g} with +{b.scale:g}·v"
+        if sc.minus is not None:
+            delta += f", {sc.minus:.4g} with −{b.scale:g}·v"
+        delta += f", control {sc.control:.4g}" if sc.control is not None else " (no random-vector control)"
+        lines.append(f"  {delta}" + (f", n={b.n}" if b.n else ""))
     files = ", ".join(f"{e.path} ({e.size / 1e6:,.2f} MB)" for e in card.files)
     lines.append(f"  files: {files}")
     return lines

@@ -26,7 +26,7 @@ from bad_inputs import BadInputs, build_bad_inputs
 from hub_server import LocalHub
 
 from rvhub.extract import extract
-from rvhub.toy import Trio, build_trio
+from rvhub.toy import Trio, build_lowrank_trio, build_trio
 
 atexit.register(shutil.rmtree, os.environ["HF_HUB_CACHE"], True)
 
@@ -89,6 +89,30 @@ def bad(
     """Broken and mismatched inputs, all derived from the plain qwen2 trio and its sparse vector."""
     sharded = vector("qwen2_plain", max_shard_size="20KB")
     return build_bad_inputs(tmp_path_factory.mktemp("bad"), trio("qwen2_plain"), vector("qwen2_plain"), sharded)
+
+
+LOWRANK_RANK = 3
+LOWRANK: dict[str, dict[str, Any]] = {
+    "qwen2": dict(arch="qwen2", seed=50),  # tied; deltas on every linear weight
+    "llama": dict(arch="llama", seed=60),  # untied; linear weights only
+    "llama_emb": dict(arch="llama", seed=70, embeddings=True),  # untied; embed_tokens and lm_head move too
+}
+
+
+@pytest.fixture(scope="session")
+def lowrank(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., tuple[Trio, Path]]:
+    """``lowrank(name, format="sparse")``: a float32 trio with exact rank-3 deltas, and its vector."""
+    built: dict[tuple[str, str], tuple[Trio, Path]] = {}
+
+    def get(name: str, format: str = "sparse") -> tuple[Trio, Path]:
+        if (name, format) not in built:
+            root = tmp_path_factory.mktemp(f"lowrank-{name}-{format}")
+            trio = build_lowrank_trio(root / "trio", rank=LOWRANK_RANK, **LOWRANK[name])
+            extract(str(trio.sft), str(trio.rl), root / "vec", format=format, progress=False)  # type: ignore[arg-type]
+            built[name, format] = (trio, root / "vec")
+        return built[name, format]
+
+    return get
 
 
 # ------------------------------------------------------------------ the local Hub

@@ -20,30 +20,9 @@ from rvhub.card import VectorCard
 from rvhub.compress import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, compress
 from rvhub.errors import IncompatibleError, IntegrityError, InvalidOptionError, ShapeMismatchError, VectorFormatError
 from rvhub.extract import extract
-from rvhub.toy import Trio, build_lowrank_trio, rewrite_weights
+from rvhub.toy import Trio, rewrite_weights
 
-RANK = 3
-LOWRANK: dict[str, dict[str, Any]] = {
-    "qwen2": dict(arch="qwen2", seed=50),  # tied; deltas on every linear weight
-    "llama": dict(arch="llama", seed=60),  # untied; linear weights only
-    "llama_emb": dict(arch="llama", seed=70, embeddings=True),  # untied; embed_tokens and lm_head move too
-}
-
-
-@pytest.fixture(scope="module")
-def lowrank(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., tuple[Trio, Path]]:
-    """``lowrank(name, format="sparse")``: a float32 trio with exact rank-3 deltas, and its vector."""
-    built: dict[tuple[str, str], tuple[Trio, Path]] = {}
-
-    def get(name: str, format: str = "sparse") -> tuple[Trio, Path]:
-        if (name, format) not in built:
-            root = tmp_path_factory.mktemp(f"lowrank-{name}-{format}")
-            trio = build_lowrank_trio(root / "trio", rank=RANK, **LOWRANK[name])
-            extract(str(trio.sft), str(trio.rl), root / "vec", format=format, progress=False)  # type: ignore[arg-type]
-            built[name, format] = (trio, root / "vec")
-        return built[name, format]
-
-    return get
+RANK = 3  # the rank of the deltas planted in the `lowrank` trios (conftest)
 
 
 def lora_deltas(adapter: Path) -> dict[str, torch.Tensor]:

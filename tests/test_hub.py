@@ -194,7 +194,8 @@ def test_search_with_base_keeps_the_vectors_that_fit(registry, vector, trio, req
     assert sorted(h.repo_id for h in everything.hits) == sorted([qwen, llama])
     fitting = search(query, base=str(trio("qwen2_plain").target), registry=registry)
     assert [h.repo_id for h in fitting.hits] == [qwen] and fitting.hits[0].fit.fits
-    assert [h.repo_id for h in fitting.rejected] == [llama] and "model type llama" in fitting.rejected[0].fit.reason
+    assert "correlation" in (fitting.hits[0].fit.lineage or ""), "the lineage sketch is compared and shown"
+    assert [h.repo_id for h in fitting.rejected] == [llama] and "model_type" in fitting.rejected[0].fit.reason
 
 
 # ------------------------------------------------------------------ Hub faults
@@ -277,7 +278,8 @@ def test_search_base_reads_a_hub_target_by_its_headers(request, hub, hub_env, ve
     found = search(repo.split("/")[1], base=target)
     assert [h.repo_id for h in found.hits] == [repo]
     assert hub.requests("GET", f"/{target}/resolve/") > ranged  # config.json and safetensors header only
-    weights = [s for m, p, s in hub.log if m == "GET" and p.endswith(f"{target}/resolve/main/model.safetensors")]
+    weights = [s for m, p, s in hub.log if m == "GET" and p.startswith(f"/{target}/resolve/")
+               and p.endswith("/model.safetensors")]
     assert weights and set(weights) == {206}  # the header by Range requests, never the whole file
     with pytest.raises(VectorFormatError, match="no rvhub.json: it is not an rvhub vector"):
         info(target)
@@ -309,3 +311,51 @@ def test_registry_environment_variable(request, vector, tmp_path, monkeypatch):
         monkeypatch.delenv("HF_TOKEN", raising=False)
         monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
         push(vector("qwen2_plain"), repo, registry=HubRegistry("http://127.0.0.1:9"), progress=False)
+
+
+# ------------------------------------------------------------------ the LoRA form by repo id
+
+
+_LOAD_BY_REPO_ID = """
+import json, sys, torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+target, merged, repo = sys.argv[1:]
+ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+def base():
+    return AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
+ours = logits(AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32))
+rel = lambda m: float((logits(m) - ours).norm() / ours.norm())
+hf = base()
+hf.load_adapter(repo)
+print(json.dumps({"plain": rel(base()), "peft": rel(PeftModel.from_pretrained(base(), repo)), "load_adapter": rel(hf)}))
+"""
+
+
+def test_lora_form_loads_by_repo_id_with_peft_and_transformers(request, hub, hub_env, lowrank, tmp_path):
+    """An adapter pushed by rvhub loads by repo id with PeftModel.from_pretrained and model.load_adapter, and
+    gives the logits of `rvhub pull --apply` of the same repo. (PEFT calls huggingface_hub's module-level
+    functions, bound to the endpoint at import: so this runs in a process started with HF_ENDPOINT.)"""
+    import subprocess
+    import sys
+
+    from rvhub.compress import compress
+
+    trio, vec = lowrank("llama")
+    compress(vec, tmp_path / "ad", rank=2, progress=False)
+    repo = repo_name(request)
+    push(tmp_path / "ad", repo, progress=False)
+    pull_apply(repo, str(trio.target), tmp_path / "out", progress=False)
+    before = hub.requests("HEAD", f"/{repo}/resolve/") + hub.requests("GET", f"/{repo}/resolve/")
+    done = subprocess.run([sys.executable, "-c", _LOAD_BY_REPO_ID, str(trio.target), str(tmp_path / "out"), repo],
+                          env=hub_env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert HUB_TOKEN not in done.stdout + done.stderr
+    rel = json.loads(done.stdout.strip().splitlines()[-1])
+    assert rel["plain"] > 1e-3, "the adapter must move the logits"
+    assert rel["peft"] <= 1e-4 and rel["load_adapter"] <= 1e-4
+    after = hub.requests("HEAD", f"/{repo}/resolve/") + hub.requests("GET", f"/{repo}/resolve/")
+    assert after > before, "PEFT resolved the adapter on the local Hub (the files, pulled already, come from the cache)"
