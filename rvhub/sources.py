@@ -13,6 +13,7 @@ import math
 import re
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -301,19 +302,41 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _open_hub(ref: str) -> ModelSource:
-    from huggingface_hub import HfApi, constants, snapshot_download
+@contextmanager
+def _hub_errors(ref: str, revision: str | None) -> Iterator[None]:
+    """huggingface_hub's errors while opening model ``ref``, as one-line rvhub errors naming it."""
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
         LocalEntryNotFoundError,
+        NotASafetensorsRepoError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
+        SafetensorsParsingError,
     )
+
+    try:
+        yield
+    except RevisionNotFoundError as e:
+        raise ModelNotFoundError(ref, f"revision {revision!r} does not exist") from e
+    except (RepositoryNotFoundError, GatedRepoError) as e:
+        raise ModelNotFoundError(ref, "repo not found on the Hub, or not accessible with your token") from e
+    except LocalEntryNotFoundError as e:
+        raise ModelNotFoundError(ref, "not in the local cache and the Hub is unreachable") from e
+    except NotASafetensorsRepoError as e:
+        raise ModelNotFoundError(ref, "the repo has no *.safetensors weights") from e
+    except SafetensorsParsingError as e:
+        raise CorruptFileError(ref, f"safetensors header: {e}") from e
+    except HfHubHTTPError as e:
+        raise ModelNotFoundError(ref, f"Hub error: {e}") from e
+
+
+def _open_hub(ref: str) -> ModelSource:
+    from huggingface_hub import HfApi, constants, snapshot_download
 
     repo_id, _, revision = ref.partition("@")
     rev = revision or None
-    try:
+    with _hub_errors(ref, revision):
         if not constants.HF_HUB_OFFLINE:  # offline, the cache alone answers (snapshot_download below)
             files = HfApi().list_repo_files(repo_id, revision=rev)
             if not any(f.endswith(".safetensors") for f in files):
@@ -326,14 +349,6 @@ def _open_hub(ref: str) -> ModelSource:
             revision=rev,
             allow_patterns=["*.safetensors", "*.safetensors.index.json", *SIDE_FILES],
         )
-    except RevisionNotFoundError as e:
-        raise ModelNotFoundError(ref, f"revision {revision!r} does not exist") from e
-    except (RepositoryNotFoundError, GatedRepoError) as e:
-        raise ModelNotFoundError(ref, "repo not found on the Hub, or not accessible with your token") from e
-    except LocalEntryNotFoundError as e:
-        raise ModelNotFoundError(ref, "not in the local cache and the Hub is unreachable") from e
-    except HfHubHTTPError as e:
-        raise ModelNotFoundError(ref, f"Hub error: {e}") from e
     root = Path(local)
     commit = root.name if re.fullmatch(r"[0-9a-f]{40}", root.name) else None
     return _open_folder(root, ModelRef(kind="hub", id=repo_id, revision=rev, commit=commit), False)
@@ -401,14 +416,6 @@ def open_remote(ref: str) -> ModelSource:
     (``HF_HUB_OFFLINE=1``) a model in the local cache is opened as a folder instead.
     """
     from huggingface_hub import HfApi, constants, snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        NotASafetensorsRepoError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-        SafetensorsParsingError,
-    )
 
     if constants.HF_HUB_OFFLINE:
         return open_model(ref, hash_content=False)
@@ -416,20 +423,10 @@ def open_remote(ref: str) -> ModelSource:
         raise ModelNotFoundError(ref, "no such folder, and it is not a Hub repo id (org/name[@revision])")
     repo_id, _, revision = ref.partition("@")
     api = HfApi()
-    try:
+    with _hub_errors(ref, revision):
         commit = api.model_info(repo_id, revision=revision or None).sha or revision or "main"
         meta = api.get_safetensors_metadata(repo_id, revision=commit)
         root = Path(snapshot_download(repo_id, revision=commit, allow_patterns=list(SIDE_FILES)))
-    except RevisionNotFoundError as e:
-        raise ModelNotFoundError(ref, f"revision {revision!r} does not exist") from e
-    except (RepositoryNotFoundError, GatedRepoError) as e:
-        raise ModelNotFoundError(ref, "repo not found on the Hub, or not accessible with your token") from e
-    except NotASafetensorsRepoError as e:
-        raise ModelNotFoundError(ref, "the repo has no *.safetensors weights") from e
-    except SafetensorsParsingError as e:
-        raise CorruptFileError(ref, f"safetensors header: {e}") from e
-    except HfHubHTTPError as e:
-        raise ModelNotFoundError(ref, f"Hub error: {e}") from e
     tensors: dict[str, TensorInfo] = {}
     offsets: dict[str, int] = {}
     for filename, file_meta in meta.files_metadata.items():
