@@ -305,3 +305,19 @@ def test_cuda_svd_matches_cpu(lowrank: Callable[..., tuple[Trio, Path]], tmp_pat
         assert rel(b[k], a[k]) <= 1e-5
 
 
+
+
+def test_bias_and_norm_deltas_stay_exact_in_the_residual(trio: Callable[[str], Trio], vector: Callable[..., Path],
+                                                        tmp_path: Path) -> None:
+    """mergekit writes bias deltas as lora_B.bias, which PEFT ignores: rvhub keeps every 1-D delta (biases and
+    norms) and the embeddings in the residual, and `rvhub apply` restores them bit for bit."""
+    t = trio("qwen2_plain")
+    report = compress(vector("qwen2_plain"), tmp_path / "ad", rank=2, progress=False).report
+    biases = {k for k in load_tensors(t.sft) if k.endswith(".bias")}
+    assert biases and biases <= set(report.residual) and EMBED in report.residual
+    keys = load_file(str(tmp_path / "ad" / ADAPTER_WEIGHTS))
+    assert not [k for k in keys if "bias" in k or "norm" in k or "embed" in k]
+    apply(tmp_path / "ad", str(t.sft), tmp_path / "out", progress=False)
+    got, rl = load_tensors(tmp_path / "out"), load_tensors(t.rl)
+    exact = sorted(biases | {EMBED})
+    assert_bitwise_equal({k: got[k] for k in exact}, {k: rl[k] for k in exact})
