@@ -86,7 +86,8 @@ def main() -> None:
           "update moves every element of its matrices; RL updates leave most bf16 elements as they were), exact")
     rvhub("apply", str(ROOT / "vector"), "--base", str(trio.sft), "-o", str(ROOT / "sft+v"))
     rl, back = tensors(trio.rl), tensors(ROOT / "sft+v")
-    exact = rl.keys() == back.keys() and all(torch.equal(rl[k].view(torch.int16), back[k].view(torch.int16)) for k in rl)
+    exact = rl.keys() == back.keys() and all(torch.equal(rl[k].view(torch.int16), back[k].view(torch.int16))
+                                             for k in rl)
     print(f"  SFT + v == RL bit for bit: {exact}\n")
 
     rep = rvhub("compress", str(ROOT / "vector"), "-o", str(ROOT / "adapter"), "--rank", "4")["report"]
@@ -133,7 +134,8 @@ def main() -> None:
     same_tok = (ROOT / "merged" / "tokenizer.json").read_bytes() == (trio.target / "tokenizer.json").read_bytes()
     print(f"  tokenizer and config taken from TARGET: {same_tok}")
     print(f"\nall outputs in {ROOT}; {time.perf_counter() - t0:.0f}s")
-    if not (exact and same_tok and not again["committed"] and found["hits"] and agree < 1e-4 and scores['plus'] > scores['target'] > scores['minus']):
+    moves_toward_rl = scores["plus"] > scores["target"] > scores["minus"]
+    if not (exact and same_tok and not again["committed"] and found["hits"] and agree < 1e-4 and moves_toward_rl):
         sys.exit("demo check failed")
 
 
