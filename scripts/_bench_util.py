@@ -302,6 +302,32 @@ def measure(cmd: Sequence[str], log: Path, reps: int, inputs: Sequence[Path], ou
     return Measurement(statistics.median(r.wall_s for r in runs), max(r.peak_rss_mb for r in runs))
 
 
+def cpu_seconds() -> tuple[float, float]:
+    """(CPU seconds the whole machine has been busy since boot, CPU seconds used by this process and by its
+    descendants that have been waited for). Their differences over an interval, subtracted, give the CPU
+    time that other processes took from a measurement."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    t = os.times()
+    busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    return busy, t.user + t.system + t.children_user + t.children_system
+
+
+def wait_for_idle(max_wait_s: float, threshold_cores: float = 0.25, window_s: float = 2.0) -> float:
+    """Wait (at most max_wait_s) until other processes use less than threshold_cores over a window_s sample;
+    return the seconds waited. On a shared machine this keeps a measurement from starting under someone
+    else's load (OpenMP threads slow down badly when they share cores)."""
+    start = time.monotonic()
+    while True:
+        busy0, own0 = cpu_seconds()
+        time.sleep(window_s)
+        busy1, own1 = cpu_seconds()
+        waited = time.monotonic() - start
+        if (busy1 - busy0) - (own1 - own0) < threshold_cores * window_s or waited >= max_wait_s:
+            return waited
+        time.sleep(3.0)
+
+
 # --------------------------------------------------------------------------- output comparison
 
 
