@@ -9,13 +9,11 @@ and PEFT ignores. The report says what each part carries as fractions of ‖v‖
 from __future__ import annotations
 
 import heapq
-import importlib
 import logging
 import math
 import os
 import re
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -150,11 +148,7 @@ def compress(
     residual_sq = sum(_sq_norm(vec, name) for name in residual)
     cap = _spectrum_cap(modules, rule, rule_value)
     tensors: dict[str, torch.Tensor] = {}
-    # peft's import (~2 s, for LoraConfig at the end) runs beside the SVDs, which release the GIL (measured:
-    # ~0.7 s less wall time at the 0.5B shape; reading the next delta ahead the same way gained nothing)
-    pool = ThreadPoolExecutor(1, thread_name_prefix="rvhub-import")
-    pool.submit(importlib.import_module, "peft")
-    with pool, progress_bar(sum(4 * math.prod(m.shape) for m in modules), "compress", progress, len(modules)) as bar:
+    with progress_bar(sum(4 * math.prod(m.shape) for m in modules), "compress", progress, len(modules)) as bar:
         for i, m in enumerate(modules):
             check_stop()
             delta = _load(vec, m, dev)
