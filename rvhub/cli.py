@@ -154,6 +154,102 @@ def extract(
     ), human)
 
 
+class Embeddings(str, Enum):
+    residual = "residual"
+    lora = "lora"
+
+
+@app.command()
+def compress(
+    vector: Annotated[Path, typer.Argument(help="A vector folder written by `rvhub extract` (sparse or dense).")],
+    out: OutOpt,
+    rank: Annotated[int | None, typer.Option(help="Uniform rank R for every module.")] = None,
+    energy: Annotated[
+        float | None,
+        typer.Option(help="Per module, the smallest rank keeping this fraction of ‖ΔW‖² (0 < E ≤ 1)."),
+    ] = None,
+    budget: Annotated[
+        int | None,
+        typer.Option(help="Total LoRA parameters (Σ rank·(rows+cols)), spent where they keep the most energy."),
+    ] = None,
+    exact: Annotated[bool, typer.Option("--exact", help="Exact SVD (slower) instead of randomized.")] = False,
+    embeddings: Annotated[
+        Embeddings,
+        typer.Option(help="residual: embeddings stay exact beside the adapter (servers such as vLLM load it); "
+                     "lora: embed_tokens/lm_head deltas go into the LoRA (untied models only)."),
+    ] = Embeddings.residual,
+    dtype: Annotated[str, typer.Option(help="dtype of the LoRA factors: float32, bfloat16 or float16.")] = "float32",
+    device: Annotated[str, typer.Option(help="Where the SVDs run: cpu or cuda[:N].")] = "cpu",
+    base_model: Annotated[
+        str | None,
+        typer.Option(help="base_model_name_or_path written into adapter_config.json (the recommended target)."),
+    ] = None,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Compress a vector into a PEFT LoRA adapter (truncated SVD) + an exact residual, with a quality report.
+
+    Give one rank rule: --rank, --energy or --budget.
+    """
+    from .compress import compress as run
+
+    _run(debug, json_out, lambda: run(
+        vector, out, rank=rank, energy=energy, budget=budget, exact=exact, embeddings=embeddings.value,
+        dtype=dtype, device=device, base_model=base_model, overwrite=overwrite, progress=not quiet,
+    ), _compress_table)
+
+
+def _compress_table(r: Any) -> str:
+    rep = r.report
+    width = max(len(m.name) for m in rep.modules)
+    lines = [f"{'module':<{width}}  {'shape':>13}  {'rank':>5}  {'energy':>8}  {'rel.err':>8}"]
+    for m in rep.modules:
+        shape = "x".join(map(str, m.shape))
+        lines.append(f"{m.name:<{width}}  {shape:>13}  {m.rank:>5}  {m.energy:>8.4f}  {m.rel_error:>8.4f}")
+    checks = "".join(
+        f"\nsvd check {c.name} rank {c.rank}: randomized error {c.randomized_error:.4g} vs exact "
+        f"{c.exact_error:.4g} ({100 * (c.randomized_error / c.exact_error - 1) if c.exact_error else 0:+.2f}%)"
+        for c in rep.svd_checks
+    )
+    lines.append(
+        f"\nof ‖v‖²: adapter {100 * rep.adapter_energy:.2f}%, residual {100 * rep.residual_energy:.2f}% (exact, "
+        f"{len(rep.residual)} tensors), dropped {100 * rep.dropped_energy:.2f}%; total relative error "
+        f"{rep.rel_error:.4f}{checks}\n"
+        f"wrote {r.out}: {len(rep.modules)} LoRA modules, {rep.adapter_params:,} parameters, adapter "
+        f"{_mb(rep.adapter_bytes)} + residual {_mb(rep.residual_bytes)} = "
+        f"{(rep.adapter_bytes + rep.residual_bytes) / max(rep.vector_bytes, 1):.2f}x the vector "
+        f"({_mb(rep.vector_bytes)}), {rep.svd} SVD, {r.seconds:.1f}s"
+    )
+    return "\n".join(lines)
+
+
+@app.command()
+def check(
+    vector: Annotated[Path, typer.Argument(help="A vector folder (rvhub.json with fingerprints).")],
+    base: Annotated[str, typer.Option("--base", help="The target model: folder or org/name\\[@rev].")],
+    allow_vocab_mismatch: Annotated[
+        bool, typer.Option("--allow-vocab-mismatch", help="Count differing embedding row counts as a warning.")
+    ] = False,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Check whether TARGET can take the vector: architecture, config, tokenizer and weight lineage.
+
+    Each check passes, warns or fails, with its numbers. Exit code 0 when none fails, 1 otherwise. A Hub
+    TARGET is read by safetensors headers and a few byte ranges, never downloaded."""
+    from .compat import check as run
+
+    def human(r: Any) -> str:
+        lines = [f"{r.target}: {r.status.upper()} for {r.vector}"]
+        lines += [f"  {c.status:<4}  {c.name:<12}  {c.summary}" for c in r.checks]
+        return "\n".join(lines)
+
+    _run(debug, json_out, lambda: run(vector, base, allow_vocab_mismatch=allow_vocab_mismatch), human,
+         lambda r: 0 if r.ok else 1)
+
+
 @app.command()
 def apply(
     vector: Annotated[
@@ -191,6 +287,75 @@ def _applied(r: Any) -> str:
         f"wrote {r.out}: α={r.scale:g}, {r.tensors_changed} tensors changed, {r.tensors_copied} copied, "
         f"{_mb(r.output_bytes)}, {r.seconds:.1f}s on {r.device}{skipped}"
     )
+
+
+@app.command()
+def card(
+    vector: Annotated[Path, typer.Argument(help="A vector or adapter folder.")],
+    license: Annotated[str | None, typer.Option(help="Hub license id, e.g. apache-2.0.")] = None,
+    scale: Annotated[float | None, typer.Option("--scale", help="Recommended α.")] = None,
+    base_model: Annotated[
+        list[str] | None, typer.Option("--base-model", help="A recommended base (Hub id); repeat for several.")
+    ] = None,
+    benchmark: Annotated[str | None, typer.Option(help="Set a delta by hand: task name, e.g. gsm8k.")] = None,
+    metric: Annotated[str | None, typer.Option(help="Metric of --benchmark, e.g. exact_match.")] = None,
+    target: Annotated[str | None, typer.Option(help="The model evaluated for --benchmark.")] = None,
+    score_target: Annotated[float | None, typer.Option(help="Score of the target alone.")] = None,
+    score_plus: Annotated[float | None, typer.Option(help="Score of target + α·v.")] = None,
+    score_minus: Annotated[float | None, typer.Option(help="Score of target − α·v.")] = None,
+    score_control: Annotated[
+        float | None, typer.Option(help="Score of target + α·r, r a random vector with the norm of v.")
+    ] = None,
+    n: Annotated[int | None, typer.Option("--n", help="Number of evaluated examples.")] = None,
+    num_fewshot: Annotated[int | None, typer.Option(help="Few-shot examples per prompt.")] = None,
+    chat_template: Annotated[
+        bool | None, typer.Option("--chat-template/--no-chat-template", help="Whether a chat template was applied.")
+    ] = None,
+    prompt: Annotated[str | None, typer.Option(help="The prompt template used.")] = None,
+    delta_scale: Annotated[
+        float | None, typer.Option(help="α of the ±v runs (default: the recommended scale).")
+    ] = None,
+    lm_eval_target: Annotated[
+        Path | None, typer.Option(help="lm-evaluation-harness results JSON of the target alone.")
+    ] = None,
+    lm_eval_plus: Annotated[
+        Path | None, typer.Option(help="lm-evaluation-harness results JSON of target + α·v.")
+    ] = None,
+    lm_eval_minus: Annotated[
+        Path | None, typer.Option(help="lm-evaluation-harness results JSON of target − α·v.")
+    ] = None,
+    lm_eval_control: Annotated[
+        Path | None, typer.Option(help="lm-evaluation-harness results JSON of target + a random vector of v's norm.")
+    ] = None,
+    task: Annotated[list[str] | None, typer.Option(help="Import only this lm-eval task; repeat for several.")] = None,
+    clear_benchmarks: Annotated[bool, typer.Option(help="Drop the recorded deltas first.")] = False,
+    render: Annotated[bool, typer.Option(help="Re-render README.md even without edits.")] = False,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Show a vector's card; set its license, recommended scale and bases and benchmark deltas (by hand or
+    from lm-evaluation-harness results), and re-render README.md from it."""
+    from .benchmarks import edit_card
+
+    delta = None
+    if benchmark is not None or score_plus is not None:
+        harness = {"num_fewshot": num_fewshot, "chat_template": chat_template, "prompt": prompt}
+        delta = {"benchmark": benchmark, "metric": metric, "target": target, "n": n,
+                 "harness": {k: v for k, v in harness.items() if v is not None},
+                 "scores": {"target": score_target, "plus": score_plus, "minus": score_minus,
+                            "control": score_control}}
+    lm_eval = {"target": lm_eval_target, "plus": lm_eval_plus, "minus": lm_eval_minus, "control": lm_eval_control}
+
+    def human(c: Any) -> str:
+        from ._readme import describe
+
+        return describe(c, str(vector))
+
+    _run(debug, json_out, lambda: edit_card(
+        vector, license=license, recommended_scale=scale, recommended_bases=base_model, delta=delta,
+        lm_eval=lm_eval if any(v is not None for v in lm_eval.values()) else None, lm_eval_tasks=task or (),
+        delta_scale=delta_scale, clear_benchmarks=clear_benchmarks, render=render,
+    ), human)
 
 
 @app.command()
@@ -319,171 +484,6 @@ def search(
         return "\n".join(lines)
 
     _run(debug, json_out, lambda: run(query, base, registry=registry, limit=limit), human)
-
-
-@app.command()
-def check(
-    vector: Annotated[Path, typer.Argument(help="A vector folder (rvhub.json with fingerprints).")],
-    base: Annotated[str, typer.Option("--base", help="The target model: folder or org/name\\[@rev].")],
-    allow_vocab_mismatch: Annotated[
-        bool, typer.Option("--allow-vocab-mismatch", help="Count differing embedding row counts as a warning.")
-    ] = False,
-    json_out: JsonOpt = False,
-    debug: DebugOpt = False,
-) -> None:
-    """Check whether TARGET can take the vector: architecture, config, tokenizer and weight lineage.
-
-    Each check passes, warns or fails, with its numbers. Exit code 0 when none fails, 1 otherwise. A Hub
-    TARGET is read by safetensors headers and a few byte ranges, never downloaded."""
-    from .compat import check as run
-
-    def human(r: Any) -> str:
-        lines = [f"{r.target}: {r.status.upper()} for {r.vector}"]
-        lines += [f"  {c.status:<4}  {c.name:<12}  {c.summary}" for c in r.checks]
-        return "\n".join(lines)
-
-    _run(debug, json_out, lambda: run(vector, base, allow_vocab_mismatch=allow_vocab_mismatch), human,
-         lambda r: 0 if r.ok else 1)
-
-
-@app.command()
-def card(
-    vector: Annotated[Path, typer.Argument(help="A vector or adapter folder.")],
-    license: Annotated[str | None, typer.Option(help="Hub license id, e.g. apache-2.0.")] = None,
-    scale: Annotated[float | None, typer.Option("--scale", help="Recommended α.")] = None,
-    base_model: Annotated[
-        list[str] | None, typer.Option("--base-model", help="A recommended base (Hub id); repeat for several.")
-    ] = None,
-    benchmark: Annotated[str | None, typer.Option(help="Set a delta by hand: task name, e.g. gsm8k.")] = None,
-    metric: Annotated[str | None, typer.Option(help="Metric of --benchmark, e.g. exact_match.")] = None,
-    target: Annotated[str | None, typer.Option(help="The model evaluated for --benchmark.")] = None,
-    score_target: Annotated[float | None, typer.Option(help="Score of the target alone.")] = None,
-    score_plus: Annotated[float | None, typer.Option(help="Score of target + α·v.")] = None,
-    score_minus: Annotated[float | None, typer.Option(help="Score of target − α·v.")] = None,
-    score_control: Annotated[
-        float | None, typer.Option(help="Score of target + α·r, r a random vector with the norm of v.")
-    ] = None,
-    n: Annotated[int | None, typer.Option("--n", help="Number of evaluated examples.")] = None,
-    num_fewshot: Annotated[int | None, typer.Option(help="Few-shot examples per prompt.")] = None,
-    chat_template: Annotated[
-        bool | None, typer.Option("--chat-template/--no-chat-template", help="Whether a chat template was applied.")
-    ] = None,
-    prompt: Annotated[str | None, typer.Option(help="The prompt template used.")] = None,
-    delta_scale: Annotated[
-        float | None, typer.Option(help="α of the ±v runs (default: the recommended scale).")
-    ] = None,
-    lm_eval_target: Annotated[
-        Path | None, typer.Option(help="lm-evaluation-harness results JSON of the target alone.")
-    ] = None,
-    lm_eval_plus: Annotated[
-        Path | None, typer.Option(help="lm-evaluation-harness results JSON of target + α·v.")
-    ] = None,
-    lm_eval_minus: Annotated[
-        Path | None, typer.Option(help="lm-evaluation-harness results JSON of target − α·v.")
-    ] = None,
-    lm_eval_control: Annotated[
-        Path | None, typer.Option(help="lm-evaluation-harness results JSON of target + a random vector of v's norm.")
-    ] = None,
-    task: Annotated[list[str] | None, typer.Option(help="Import only this lm-eval task; repeat for several.")] = None,
-    clear_benchmarks: Annotated[bool, typer.Option(help="Drop the recorded deltas first.")] = False,
-    render: Annotated[bool, typer.Option(help="Re-render README.md even without edits.")] = False,
-    json_out: JsonOpt = False,
-    debug: DebugOpt = False,
-) -> None:
-    """Show a vector's card; set its license, recommended scale and bases and benchmark deltas (by hand or
-    from lm-evaluation-harness results), and re-render README.md from it."""
-    from .benchmarks import edit_card
-
-    delta = None
-    if benchmark is not None or score_plus is not None:
-        harness = {"num_fewshot": num_fewshot, "chat_template": chat_template, "prompt": prompt}
-        delta = {"benchmark": benchmark, "metric": metric, "target": target, "n": n,
-                 "harness": {k: v for k, v in harness.items() if v is not None},
-                 "scores": {"target": score_target, "plus": score_plus, "minus": score_minus,
-                            "control": score_control}}
-    lm_eval = {"target": lm_eval_target, "plus": lm_eval_plus, "minus": lm_eval_minus, "control": lm_eval_control}
-
-    def human(c: Any) -> str:
-        from ._readme import describe
-
-        return describe(c, str(vector))
-
-    _run(debug, json_out, lambda: edit_card(
-        vector, license=license, recommended_scale=scale, recommended_bases=base_model, delta=delta,
-        lm_eval=lm_eval if any(v is not None for v in lm_eval.values()) else None, lm_eval_tasks=task or (),
-        delta_scale=delta_scale, clear_benchmarks=clear_benchmarks, render=render,
-    ), human)
-
-
-class Embeddings(str, Enum):
-    residual = "residual"
-    lora = "lora"
-
-
-@app.command()
-def compress(
-    vector: Annotated[Path, typer.Argument(help="A vector folder written by `rvhub extract` (sparse or dense).")],
-    out: OutOpt,
-    rank: Annotated[int | None, typer.Option(help="Uniform rank R for every module.")] = None,
-    energy: Annotated[
-        float | None,
-        typer.Option(help="Per module, the smallest rank keeping this fraction of ‖ΔW‖² (0 < E ≤ 1)."),
-    ] = None,
-    budget: Annotated[
-        int | None,
-        typer.Option(help="Total LoRA parameters (Σ rank·(rows+cols)), spent where they keep the most energy."),
-    ] = None,
-    exact: Annotated[bool, typer.Option("--exact", help="Exact SVD (slower) instead of randomized.")] = False,
-    embeddings: Annotated[
-        Embeddings,
-        typer.Option(help="residual: embeddings stay exact beside the adapter (servers such as vLLM load it); "
-                     "lora: embed_tokens/lm_head deltas go into the LoRA (untied models only)."),
-    ] = Embeddings.residual,
-    dtype: Annotated[str, typer.Option(help="dtype of the LoRA factors: float32, bfloat16 or float16.")] = "float32",
-    device: Annotated[str, typer.Option(help="Where the SVDs run: cpu or cuda[:N].")] = "cpu",
-    base_model: Annotated[
-        str | None,
-        typer.Option(help="base_model_name_or_path written into adapter_config.json (the recommended target)."),
-    ] = None,
-    overwrite: OverwriteOpt = False,
-    quiet: QuietOpt = False,
-    json_out: JsonOpt = False,
-    debug: DebugOpt = False,
-) -> None:
-    """Compress a vector into a PEFT LoRA adapter (truncated SVD) + an exact residual, with a quality report.
-
-    Give one rank rule: --rank, --energy or --budget.
-    """
-    from .compress import compress as run
-
-    _run(debug, json_out, lambda: run(
-        vector, out, rank=rank, energy=energy, budget=budget, exact=exact, embeddings=embeddings.value,
-        dtype=dtype, device=device, base_model=base_model, overwrite=overwrite, progress=not quiet,
-    ), _compress_table)
-
-
-def _compress_table(r: Any) -> str:
-    rep = r.report
-    width = max(len(m.name) for m in rep.modules)
-    lines = [f"{'module':<{width}}  {'shape':>13}  {'rank':>5}  {'energy':>8}  {'rel.err':>8}"]
-    for m in rep.modules:
-        shape = "x".join(map(str, m.shape))
-        lines.append(f"{m.name:<{width}}  {shape:>13}  {m.rank:>5}  {m.energy:>8.4f}  {m.rel_error:>8.4f}")
-    checks = "".join(
-        f"\nsvd check {c.name} rank {c.rank}: randomized error {c.randomized_error:.4g} vs exact "
-        f"{c.exact_error:.4g} ({100 * (c.randomized_error / c.exact_error - 1) if c.exact_error else 0:+.2f}%)"
-        for c in rep.svd_checks
-    )
-    lines.append(
-        f"\nof ‖v‖²: adapter {100 * rep.adapter_energy:.2f}%, residual {100 * rep.residual_energy:.2f}% (exact, "
-        f"{len(rep.residual)} tensors), dropped {100 * rep.dropped_energy:.2f}%; total relative error "
-        f"{rep.rel_error:.4f}{checks}\n"
-        f"wrote {r.out}: {len(rep.modules)} LoRA modules, {rep.adapter_params:,} parameters, adapter "
-        f"{_mb(rep.adapter_bytes)} + residual {_mb(rep.residual_bytes)} = "
-        f"{(rep.adapter_bytes + rep.residual_bytes) / max(rep.vector_bytes, 1):.2f}x the vector "
-        f"({_mb(rep.vector_bytes)}), {rep.svd} SVD, {r.seconds:.1f}s"
-    )
-    return "\n".join(lines)
 
 
 @app.command()
