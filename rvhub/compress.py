@@ -20,13 +20,22 @@ from typing import Any, Literal
 
 import torch
 
-from ._io import TORCH_TO_ST, SafetensorsFileWriter, TensorSpec, atomic_dir, check_output, check_stop, dtype_code
+from ._io import (
+    ST_TO_TORCH,
+    TORCH_TO_ST,
+    SafetensorsFileWriter,
+    TensorSpec,
+    atomic_dir,
+    check_output,
+    check_stop,
+    dtype_code,
+)
 from ._progress import progress_bar, tensor_done
 from .apply import resolve_device
 from .card import CompressionReport, ModuleReport, SvdCheck, VectorCard, file_entry
 from .errors import InvalidOptionError, VectorFormatError
 from .formats import RESIDUAL_STEM, VectorFolder
-from .sources import CHUNK_ELEMS, TIED_PAIRS
+from .sources import TIED_PAIRS
 
 logger = logging.getLogger(__name__)
 
@@ -144,8 +153,8 @@ def compress(
     if not modules:
         raise VectorFormatError(str(vector), "no 2-D weight deltas to compress (all would stay in the residual)")
 
-    out_dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[code]
-    residual_sq = sum(_sq_norm(vec, name) for name in residual)
+    out_dtype = ST_TO_TORCH[code]
+    residual_sq = sum(vec.sq_norm(name) for name in residual)
     cap = _spectrum_cap(modules, rule, rule_value)
     tensors: dict[str, torch.Tensor] = {}
     with progress_bar(sum(4 * math.prod(m.shape) for m in modules), "compress", progress, len(modules)) as bar:
@@ -238,20 +247,6 @@ def _split(card: VectorCard, lora_embeddings: bool) -> tuple[list[_Module], list
         else:
             residual.append(e.name)
     return modules, residual
-
-
-def _sq_norm(vec: VectorFolder, name: str) -> float:
-    """‖v‖² of one tensor, read chunk by chunk (an embedding delta can be large)."""
-    total = 0.0
-    entry = vec.entries[name]
-    rows = entry.shape[0] if entry.shape else 1
-    for c in vec.delta_chunks(name, rows, CHUNK_ELEMS, 1.0, torch.float32):
-        vals = c.values
-        if c.fix_pos.numel():
-            vals = vals.clone()
-            vals[c.fix_pos if c.index is None else torch.searchsorted(c.index, c.fix_pos)] += c.fix_lo
-        total += _sq(vals)
-    return total
 
 
 def _spectrum_cap(modules: list[_Module], rule: str, value: float) -> Any:

@@ -143,11 +143,7 @@ class VectorFolder:
     """A vector folder opened for reading: its card and where each stored tensor lives."""
 
     def __init__(self, folder: Path, verify: bool = True):
-        if not folder.is_dir():
-            raise VectorFormatError(str(folder), "no such folder")
-        card = VectorCard.read(folder)
-        if verify:  # every file against the card's sha256, before anything reads it
-            verify_files(folder, card)
+        card = _read_card(folder, verify)
         if card.format == "lora":
             raise VectorFormatError(str(folder), "this is a LoRA adapter folder; open it with open_vector()")
         self._setup(folder, card, VECTOR_STEM, card.tensors, card.format == "sparse")
@@ -198,16 +194,31 @@ class VectorFolder:
         """A stored tensor as it is in the file."""
         return self._get(key)
 
+    def _decoded(self, name: str, work: torch.dtype) -> Iterator[tuple[int, int, DeltaChunk]]:
+        """``(flat offset, elements, chunk)`` of ``name``'s delta, one row block at a time."""
+        entry = self.entries[name]
+        rows = entry.shape[0] if entry.shape else 1
+        row_elems = math.prod(entry.shape[1:])
+        blocks = row_blocks(entry.shape, CHUNK_ELEMS) if entry.shape else [(0, 1)]
+        for (a, b), chunk in zip(blocks, self.delta_chunks(name, rows, CHUNK_ELEMS, 1.0, work), strict=True):
+            yield a * row_elems, (b - a) * row_elems, chunk
+
     def dense(self, name: str, work: torch.dtype = torch.float32) -> torch.Tensor:
         """The whole delta of ``name``, decoded, in its shape."""
         entry = self.entries[name]
-        rows = entry.shape[0] if entry.shape else 1
         out = torch.zeros(math.prod(entry.shape), dtype=work)
-        blocks = row_blocks(entry.shape, CHUNK_ELEMS) if entry.shape else [(0, 1)]
-        row_elems = math.prod(entry.shape[1:])
-        for (a, _), chunk in zip(blocks, self.delta_chunks(name, rows, CHUNK_ELEMS, 1.0, work), strict=True):
-            chunk.add_to(out[a * row_elems :])
+        for start, _, chunk in self._decoded(name, work):
+            chunk.add_to(out[start:])
         return out.reshape(entry.shape)
+
+    def sq_norm(self, name: str) -> float:
+        """‖v‖² of tensor ``name``, decoded one row block at a time (an embedding delta can be large)."""
+        total = 0.0
+        for _, n, chunk in self._decoded(name, torch.float32):
+            block = torch.zeros(n)
+            chunk.add_to(block)
+            total += float(block.square().sum())
+        return total
 
     def _get(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         return self._reader.read(self._where[key], key, rows)
@@ -275,11 +286,7 @@ class AdapterFolder:
     """
 
     def __init__(self, folder: Path, verify: bool = True):
-        if not folder.is_dir():
-            raise VectorFormatError(str(folder), "no such folder")
-        card = VectorCard.read(folder)
-        if verify:
-            verify_files(folder, card)
+        card = _read_card(folder, verify)
         report = card.compression
         if card.format != "lora" or report is None:
             raise VectorFormatError(str(folder), "not a LoRA adapter folder; open it with open_vector()")
@@ -351,6 +358,17 @@ class AdapterFolder:
                 values = (a[:, lo:end].mT @ b.mT if embedding else b[lo:end] @ a).reshape(-1)
                 values.mul_(s)
             yield DeltaChunk(None, values, none, torch.empty(0, dtype=work))
+
+
+def _read_card(folder: Path, verify: bool) -> VectorCard:
+    """The card of a vector or adapter folder, with every file checked against its sha256 before anything
+    reads it (unless ``verify`` is off)."""
+    if not folder.is_dir():
+        raise VectorFormatError(str(folder), "no such folder")
+    card = VectorCard.read(folder)
+    if verify:
+        verify_files(folder, card)
+    return card
 
 
 def open_vector(folder: Path, verify: bool = True) -> VectorFolder | AdapterFolder:
