@@ -321,3 +321,29 @@ def test_bias_and_norm_deltas_stay_exact_in_the_residual(trio: Callable[[str], T
     got, rl = load_tensors(tmp_path / "out"), load_tensors(t.rl)
     exact = sorted(biases | {EMBED})
     assert_bitwise_equal({k: got[k] for k in exact}, {k: rl[k] for k in exact})
+
+
+def test_nothing_for_lora_to_carry_is_refused(trio: Callable[[str], Trio], tmp_path: Path) -> None:
+    """Only a norm moved: no 2-D delta at all. Only a zero changed sign: a 2-D tensor is listed as changed
+    (its bits differ) but its delta is zero. Both are one clear error and no output."""
+    t = trio("llama_plain")
+    sft = load_tensors(t.sft)
+    norm, q = "model.norm.weight", "model.layers.0.self_attn.q_proj.weight"
+    moved = dict(sft)
+    moved[norm] = sft[norm] + 1
+    rewrite_weights(t.sft, tmp_path / "rl-norm", moved)
+    signed_zero = dict(sft)
+    sft_zero = dict(sft)
+    sft_zero[q] = sft[q].clone()
+    sft_zero[q].view(-1)[0] = 0.0
+    signed_zero[q] = sft_zero[q].clone()
+    signed_zero[q].view(-1)[0] = -0.0
+    rewrite_weights(t.sft, tmp_path / "sft-zero", sft_zero)
+    rewrite_weights(t.sft, tmp_path / "rl-zero", signed_zero)
+    cases = [(t.sft, tmp_path / "rl-norm", "no 2-D weight deltas"),
+             (tmp_path / "sft-zero", tmp_path / "rl-zero", "every 2-D weight delta is zero")]
+    for i, (a, b, says) in enumerate(cases):
+        extract(str(a), str(b), tmp_path / f"vec{i}", progress=False)
+        with pytest.raises(VectorFormatError, match=says):
+            compress(tmp_path / f"vec{i}", tmp_path / f"ad{i}", rank=2, progress=False)
+        assert_no_output(tmp_path / f"ad{i}")
