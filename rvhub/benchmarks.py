@@ -20,6 +20,7 @@ between runs with different settings would measure the settings, not the vector.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -222,6 +223,25 @@ def edit_card(
         err = e.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
         raise InvalidOptionError(where, err.get("input"), err["msg"]) from e
+    extra: dict[str, str] = {}
+    if "recommended_bases" in update and edited.format == "lora":
+        edited, extra = _sync_adapter_base(folder, edited)
     if update or render:
-        edited.write(folder)
+        edited.write(folder, extra)
     return edited
+
+
+def _sync_adapter_base(folder: Path, card: VectorCard) -> tuple[VectorCard, dict[str, str]]:
+    """An adapter folder's adapter_config.json with ``base_model_name_or_path`` set from the edited
+    recommended bases (PEFT's AutoPeftModel loads that model), and the card with the file's new hash."""
+    from .card import FileEntry, verify_files
+    from .formats import ADAPTER_CONFIG, adapter_base
+
+    verify_files(folder, card.model_copy(update={"files": [f for f in card.files if f.path == ADAPTER_CONFIG]}))
+    config = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    config["base_model_name_or_path"] = adapter_base(card)
+    text = json.dumps(config, indent=2, sort_keys=True)  # as PeftConfig.save_pretrained writes it
+    data = text.encode("utf-8")
+    entry = FileEntry(path=ADAPTER_CONFIG, size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    files = [entry if f.path == ADAPTER_CONFIG else f for f in card.files]
+    return card.model_copy(update={"files": files}), {ADAPTER_CONFIG: text}

@@ -12,6 +12,7 @@ import base64
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -326,15 +327,16 @@ class VectorCard(_Frozen):
             raise ValueError("a compression report goes with format 'lora', and only with it")
         return self
 
-    def write(self, folder: Path) -> None:
+    def write(self, folder: Path, files: Mapping[str, str] | None = None) -> None:
         """Write ``rvhub.json`` and ``README.md`` (rendered from this card) together, so they always agree.
 
         Both are written to hidden temporary files and fsynced before either is renamed into place; neither
-        is in the file manifest, so rewriting them keeps the folder valid.
+        is in the file manifest, so rewriting them keeps the folder valid. ``files``: other text files to
+        replace the same way, renamed before the card (whose manifest must already list their new hashes).
         """
         from ._readme import render_readme
 
-        _replace_files(folder, {CARD_FILE: self.to_json(), README_FILE: render_readme(self)})
+        _replace_files(folder, {**(files or {}), CARD_FILE: self.to_json(), README_FILE: render_readme(self)})
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2) + "\n"

@@ -182,7 +182,9 @@ def compress(
     device: Annotated[str, typer.Option(help="Where the SVDs run: cpu or cuda[:N].")] = "cpu",
     base_model: Annotated[
         str | None,
-        typer.Option(help="base_model_name_or_path written into adapter_config.json (the recommended target)."),
+        typer.Option(help="base_model_name_or_path written into adapter_config.json (the model to load the "
+                     "adapter on); a Hub id also becomes the card's first recommended base. Default: the card's "
+                     "first recommended base, else the `from` model's Hub id."),
     ] = None,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
@@ -295,7 +297,9 @@ def card(
     license: Annotated[str | None, typer.Option(help="Hub license id, e.g. apache-2.0.")] = None,
     scale: Annotated[float | None, typer.Option("--scale", help="Recommended α.")] = None,
     base_model: Annotated[
-        list[str] | None, typer.Option("--base-model", help="A recommended base (Hub id); repeat for several.")
+        list[str] | None,
+        typer.Option("--base-model", help="A recommended base (Hub id); repeat for several. On an adapter folder "
+                     "the first also becomes adapter_config.json's base_model_name_or_path."),
     ] = None,
     benchmark: Annotated[str | None, typer.Option(help="Set a delta by hand: task name, e.g. gsm8k.")] = None,
     metric: Annotated[str | None, typer.Option(help="Metric of --benchmark, e.g. exact_match.")] = None,

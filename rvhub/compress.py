@@ -32,14 +32,13 @@ from ._io import (
 )
 from ._progress import progress_bar, tensor_done
 from .apply import resolve_device
-from .card import CompressionReport, ModuleReport, SvdCheck, VectorCard, file_entry
+from .card import HUB_ID_PATTERN, CompressionReport, ModuleReport, SvdCheck, VectorCard, file_entry
 from .errors import InvalidOptionError, VectorFormatError
-from .formats import RESIDUAL_STEM, VectorFolder
+from .formats import ADAPTER_CONFIG, RESIDUAL_STEM, VectorFolder, adapter_base
 from .sources import TIED_PAIRS
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 # randomized SVD: oversampling and power iterations (Halko, Martinsson & Tropp 2011); with these the
@@ -142,6 +141,9 @@ def compress(
     check_output(out, overwrite, [vector])
     vec = VectorFolder(vector)
     card = vec.card
+    if base_model is not None and re.match(HUB_ID_PATTERN, base_model):  # the recommended target, first
+        bases = [base_model, *(b for b in card.recommended_bases if b != base_model)]
+        card = card.model_copy(update={"recommended_bases": bases})
     if embeddings == "lora" and card.tie_word_embeddings:
         raise InvalidOptionError(
             "--embeddings", "lora",
@@ -368,8 +370,6 @@ def _lora_config(card: VectorCard, modules: list[_Module], base_model: str | Non
     ranks = {m.module: m.rank for m in modules}
     common = max(set(ranks.values()), key=list(ranks.values()).count)
     pattern = {re.escape(name): r for name, r in ranks.items() if r != common}
-    if base_model is None and card.source_from.kind == "hub":
-        base_model = card.source_from.id
     return LoraConfig(
         r=common,
         lora_alpha=common,
@@ -379,7 +379,7 @@ def _lora_config(card: VectorCard, modules: list[_Module], base_model: str | Non
         lora_dropout=0.0,
         bias="none",
         task_type="CAUSAL_LM",
-        base_model_name_or_path=base_model,
+        base_model_name_or_path=base_model if base_model is not None else adapter_base(card),
     )
 
 

@@ -34,6 +34,7 @@ from .sources import open_safetensors as _open
 MASK, VALUES, FIX_INDEX, FIX_HI, FIX_LO = "::mask", "::values", "::fix_index", "::fix_hi", "::fix_lo"
 VECTOR_STEM = "vector"
 RESIDUAL_STEM = "residual"  # an adapter folder's exact part, in its source vector's encoding
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 def work_dtype(*codes: str) -> torch.dtype:
@@ -290,7 +291,7 @@ class AdapterFolder:
         report = card.compression
         if card.format != "lora" or report is None:
             raise VectorFormatError(str(folder), "not a LoRA adapter folder; open it with open_vector()")
-        config_path = folder / "adapter_config.json"
+        config_path = folder / ADAPTER_CONFIG
         if not config_path.is_file():
             raise VectorFormatError(str(folder), "adapter_config.json is missing: this adapter folder is incomplete")
         try:
@@ -358,6 +359,14 @@ class AdapterFolder:
                 values = (a[:, lo:end].mT @ b.mT if embedding else b[lo:end] @ a).reshape(-1)
                 values.mul_(s)
             yield DeltaChunk(None, values, none, torch.empty(0, dtype=work))
+
+
+def adapter_base(card: VectorCard) -> str | None:
+    """An adapter's ``base_model_name_or_path``: the first recommended base, else the Hub id of the model the
+    vector was extracted from (applied to it, the vector gives the other model), else none."""
+    if card.recommended_bases:
+        return card.recommended_bases[0]
+    return card.source_from.id if card.source_from.kind == "hub" else None
 
 
 def _read_card(folder: Path, verify: bool) -> VectorCard:

@@ -347,3 +347,43 @@ def test_nothing_for_lora_to_carry_is_refused(trio: Callable[[str], Trio], tmp_p
         with pytest.raises(VectorFormatError, match=says):
             compress(tmp_path / f"vec{i}", tmp_path / f"ad{i}", rank=2, progress=False)
         assert_no_output(tmp_path / f"ad{i}")
+
+
+def test_base_model_follows_the_recommended_bases(lowrank: Callable[..., tuple[Trio, Path]], tmp_path: Path) -> None:
+    import shutil
+
+    from rvhub.benchmarks import edit_card
+    from rvhub.formats import open_vector
+
+    _, source = lowrank("llama")
+    vec = tmp_path / "vec"
+    shutil.copytree(source, vec)
+
+    def base(folder: Path) -> Any:
+        return json.loads((folder / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+
+    compress(vec, tmp_path / "plain", rank=RANK, progress=False)
+    assert base(tmp_path / "plain") is None  # local sources, no recommendation: nothing to name
+    edit_card(vec, recommended_bases=["org/instruct", "org/other"])
+    compress(vec, tmp_path / "rec", rank=RANK, progress=False)
+    assert base(tmp_path / "rec") == "org/instruct"
+    compress(vec, tmp_path / "given", rank=RANK, base_model="org/other", progress=False)
+    assert base(tmp_path / "given") == "org/other"
+    assert VectorCard.read(tmp_path / "given").recommended_bases == ["org/other", "org/instruct"]
+    compress(vec, tmp_path / "local", rank=RANK, base_model="/models/instruct", progress=False)
+    assert base(tmp_path / "local") == "/models/instruct"
+    assert VectorCard.read(tmp_path / "local").recommended_bases == ["org/instruct", "org/other"]
+
+    # editing an adapter's recommended bases moves base_model_name_or_path, and the manifest stays valid
+    before = json.loads((tmp_path / "plain" / ADAPTER_CONFIG).read_text())
+    edit_card(tmp_path / "plain", recommended_bases=["org/new"])
+    after = json.loads((tmp_path / "plain" / ADAPTER_CONFIG).read_text())
+    assert after == {**before, "base_model_name_or_path": "org/new"}
+    open_vector(tmp_path / "plain")  # verifies every file's sha256
+    edit_card(tmp_path / "plain", license="mit")  # other edits leave the config alone
+    assert base(tmp_path / "plain") == "org/new"
+
+    # a tampered config is not laundered into the manifest
+    (tmp_path / "plain" / ADAPTER_CONFIG).write_text(json.dumps({**after, "r": 99}))
+    with pytest.raises(IntegrityError):
+        edit_card(tmp_path / "plain", recommended_bases=["org/newer"])
