@@ -44,6 +44,11 @@ PEFT_PREFIX = "base_model.model."
 # randomized SVD: oversampling and power iterations (Halko, Martinsson & Tropp 2011); with these the
 # truncation error stays within a fraction of a percent of the exact one on realistic spectra
 N_ITER = 3
+# A truncated SVD is the orthogonal projection of ΔW onto its kept singular vectors, so its error is
+# ‖ΔW − B·A‖² = ‖ΔW‖² − Σ_{i≤r} σ_i², with no pass over ΔW. float32 rounding of the σ and of the vectors'
+# orthogonality makes that difference uncertain by ~1e-6·‖ΔW‖², so it is used when the error is at least this
+# fraction of ‖ΔW‖² (then known to ~1e-4 of itself); a smaller error is measured against ΔW.
+CLOSED_FORM_MIN = 1e-2
 _EMBED_NAMES = {emb for _, emb in TIED_PAIRS}
 _HEAD_NAMES = {head for head, _ in TIED_PAIRS}
 
@@ -322,7 +327,8 @@ def _finish(m: _Module, delta: torch.Tensor, dtype: torch.dtype) -> dict[str, to
     root = s.sqrt()
     b = us / torch.where(root > 0, root, torch.ones_like(root))  # U·√S, from U·S
     a = (v * root).mT
-    m.err32_sq = _sq(delta - b @ a)
+    rest = m.sq_norm - float((s.double() ** 2).sum())
+    m.err32_sq = rest if rest >= CLOSED_FORM_MIN * m.sq_norm else _sq(delta - b @ a)
     b, a = b.to(dtype), a.to(dtype)
     m.err_sq = m.err32_sq
     if dtype != torch.float32:

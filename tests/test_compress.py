@@ -224,6 +224,13 @@ def test_randomized_svd_within_one_percent_of_exact(vector: Callable[..., Path],
     assert fast.svd == "randomized" and exact.svd == "exact"
     assert fast.rel_error <= 1.01 * exact.rel_error
     assert fast.svd_checks and all(c.randomized_error <= 1.01 * c.exact_error for c in fast.svd_checks)
+    # the report's errors (‖ΔW‖² − Σσ², for errors this large) are those of the factors written
+    from rvhub.formats import VectorFolder
+
+    folder, got = VectorFolder(vec), lora_deltas(tmp_path / "r")
+    assert min(m.rel_error for m in fast.modules) > 0.1
+    for m in fast.modules:
+        assert rel(got[m.name], folder.dense(m.name)) == pytest.approx(m.rel_error, rel=1e-5)
 
 
 def test_adapter_card_and_manifest(lowrank: Callable[..., tuple[Trio, Path]], tmp_path: Path) -> None:
