@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     import torch
@@ -32,6 +32,7 @@ TARGET_NOISE_STD = 0.002
 INIT_STD = 0.02
 MIB = 1024 * 1024
 QWEN_EOS_ID = 151643
+MAX_OTHER_CORES = 0.1  # a rep during which other processes used more CPU than this is run again (up to 2×reps tries)
 
 # Runs the measured command as its own child and reports the child's wall time and peak RSS. A lean
 # launcher is needed because Linux carries the forking process's peak RSS into its child's ru_maxrss
@@ -326,6 +327,65 @@ def wait_for_idle(max_wait_s: float, threshold_cores: float = 0.25, window_s: fl
         if (busy1 - busy0) - (own1 - own0) < threshold_cores * window_s or waited >= max_wait_s:
             return waited
         time.sleep(3.0)
+
+
+class Rep(NamedTuple):
+    """One timed run: its wall time and peak RSS, the CPU other processes used meanwhile (in cores), and
+    how long it waited for an idle machine first."""
+
+    wall_s: float
+    peak_rss_mb: float
+    other_cores: float
+    waited_s: float
+
+
+@dataclass
+class QuietRuns:
+    """The kept reps of a step, and the (wall s, other cores) of those discarded because the machine was busy."""
+
+    reps: list[Rep]
+    discarded: list[tuple[float, float]]
+
+    @property
+    def measurement(self) -> Measurement:
+        return Measurement(statistics.median(r.wall_s for r in self.reps), max(r.peak_rss_mb for r in self.reps))
+
+
+def measure_quiet(cmd: Sequence[str], log: Path, reps: int, inputs: Sequence[Path], outputs: Sequence[Path],
+                  idle_wait: float, label: str) -> QuietRuns:
+    """Run cmd ``reps`` times as :func:`measure` does, each after waiting (up to ``idle_wait`` s) for an
+    idle machine; a rep during which other processes used more than MAX_OTHER_CORES is run again (at most
+    2×reps tries in all)."""
+    kept: list[Rep] = []
+    discarded: list[tuple[float, float]] = []
+    tries = 0
+    while len(kept) < reps:
+        tries += 1
+        waited = wait_for_idle(idle_wait) if idle_wait > 0 else 0.0
+        busy0, own0 = cpu_seconds()
+        one = measure(cmd, log, 1, inputs, outputs)
+        busy1, own1 = cpu_seconds()
+        other = max(0.0, (busy1 - busy0) - (own1 - own0)) / one.wall_s
+        contended = other > MAX_OTHER_CORES and tries <= 2 * reps
+        print(f"{label}   {one.wall_s:.2f} s, {one.peak_rss_mb:,.0f} MB, other processes {other:.2f} cores,"
+              f" waited {waited:.0f} s for an idle machine" + (" -> discarded, run again" if contended else ""),
+              flush=True)
+        if contended:
+            discarded.append((one.wall_s, other))
+        else:
+            kept.append(Rep(one.wall_s, one.peak_rss_mb, other, waited))
+    return QuietRuns(kept, discarded)
+
+
+def quiet_note(runs: Iterable[QuietRuns], idle_wait: float, dropped: str) -> str:
+    """How the reps were kept quiet, for a report: the idle wait, the discard rule, what was discarded."""
+    waited = sum(r.waited_s for q in runs for r in q.reps)
+    return ("\"other processes, cores\": CPU time used by processes other than the measured one during each rep"
+            " (from /proc/stat, less this script's and its children's CPU time), divided by the rep's wall time;"
+            " near 0 means the rep had the machine to itself. Before each rep the script waits (up to"
+            f" {idle_wait:.0f} s) for a 2 s window with other processes under 0.25 cores; it waited {waited:.0f} s"
+            f" in all. A rep during which other processes used more than {MAX_OTHER_CORES} cores is discarded and"
+            " run again" + (f": {dropped}" if dropped else " (none was)"))
 
 
 # --------------------------------------------------------------------------- output comparison

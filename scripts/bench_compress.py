@@ -32,20 +32,20 @@ from _bench_util import (
     REPO_ROOT,
     SHAPES,
     Measurement,
+    QuietRuns,
     Shape,
     build_trio,
-    cpu_seconds,
     git_state,
     machine_info,
     md_table,
-    measure,
+    measure_quiet,
     package_version,
+    quiet_note,
     remove,
     replace_section,
     safetensors_files,
     today,
     tree_size,
-    wait_for_idle,
 )
 
 if TYPE_CHECKING:
@@ -58,7 +58,6 @@ MERGEKIT_FLAGS = (
     "--no-lazy-unpickle", "--no-async-write", "--no-copy-tokenizer", "--no-write-model-card", "--quiet",
 )
 SPEED_TARGET, ERROR_TARGET = 10.0, 1.01
-MAX_OTHER_CORES = 0.1  # a rep during which other processes used more CPU than this is run again (up to 2×reps tries)
 EMBED_DECAY = 0.7  # σ_i ∝ i^−0.7 for the embedding rows' low-rank part (kept out of DeltaRecipe: cached pairs)
 TARGET_NOISE_STD = 0.002  # the extract/apply benchmark's TARGET = SFT + N(0, 0.002): a stand-in for "another model"
 EXTRACT, COMPRESS, BOTH, BUDGET, MERGEKIT = (
@@ -463,8 +462,7 @@ class Result:
     mergekit_keys: list[str] = field(default_factory=list)
     mergekit_config: dict[str, Any] = field(default_factory=dict)
     load: list[float] = field(default_factory=list)  # 1-minute load average before and after the timed steps
-    reps: dict[str, list[tuple[float, float, float, float]]] = field(default_factory=dict)  # wall, RSS, other, wait
-    discarded: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # (wall, other cores) per step
+    reps: dict[str, QuietRuns] = field(default_factory=dict)
 
 
 def rvhub_has_compress(rvhub: Path) -> bool:
@@ -497,26 +495,9 @@ def run_shape(args: argparse.Namespace, shape: Shape, rvhub: Path | None, mergek
     def step(row: str, cmd: Sequence[str | Path], reps: int, inputs: Sequence[Path], out: Path) -> None:
         print(f"[{shape.name}] {row} (x{reps}) ...", flush=True)
         log = work / "logs" / f"compress-{shape.name}-{re.sub(r'[^a-z]+', '_', row.lower()).strip('_')}.log"
-        done: list[tuple[Measurement, float, float]] = []
-        tries = 0
-        while len(done) < reps:
-            tries += 1
-            waited = wait_for_idle(args.idle_wait)
-            busy0, own0 = cpu_seconds()
-            one = measure([str(c) for c in cmd], log, 1, inputs, [out])
-            busy1, own1 = cpu_seconds()
-            other = max(0.0, (busy1 - busy0) - (own1 - own0)) / one.wall_s
-            contended = other > MAX_OTHER_CORES and tries <= 2 * reps
-            print(f"[{shape.name}]   {one.wall_s:.2f} s, {one.peak_rss_mb:,.0f} MB, other processes"
-                  f" {other:.2f} cores, waited {waited:.0f} s for an idle machine"
-                  + (" -> discarded, run again" if contended else ""), flush=True)
-            if contended:
-                result.discarded.setdefault(row, []).append((one.wall_s, other))
-            else:
-                done.append((one, other, waited))
-        result.reps[row] = [(t.wall_s, t.peak_rss_mb, o, w) for t, o, w in done]
-        result.timings[row] = m = Measurement(statistics.median(t.wall_s for t, _, _ in done),
-                                              max(t.peak_rss_mb for t, _, _ in done))
+        runs = measure_quiet([str(c) for c in cmd], log, reps, inputs, [out], args.idle_wait, f"[{shape.name}]")
+        result.reps[row] = runs
+        result.timings[row] = m = runs.measurement
         print(f"[{shape.name}] {row}: {m.wall_s:.2f} s, {m.peak_rss_mb:,.0f} MB", flush=True)
         if rvhub and cmd[0] == rvhub and cmd[1] == "compress":
             result.json_out[row] = _json_from_log(log)
@@ -690,7 +671,7 @@ def render_shape(r: Result) -> list[str]:
             rows.append([label, "—", "—", "—", "—", "—"])
             continue
         ratio = f"{base.wall_s / t.wall_s:.2f}×" if base else "—"
-        reps = r.reps.get(row, [])
+        reps = r.reps[row].reps if row in r.reps else []
         walls = ", ".join(f"{w:.1f}" for w, _, _, _ in reps) or "sum of the two rows above"
         rss = ", ".join(f"{m:,.0f}" for _, m, _, _ in reps) or "max of the two"
         other = ", ".join(f"{o:.2f}" for _, _, o, _ in reps) or "—"
@@ -703,16 +684,9 @@ def render_shape(r: Result) -> list[str]:
         lines.append("- In-process time reported by rvhub's `--json` `seconds` (last rep; the wall time above adds"
                      " interpreter start-up and imports): " + ", ".join(own) + ".")
     if r.load:
-        waited = sum(w for reps in r.reps.values() for _, _, _, w in reps)
-        dropped = "; ".join(f"`{step_label(row, r)}` " + ", ".join(f"{w:.1f} s ({o:.2f} cores)" for w, o in d)
-                            for row, d in r.discarded.items())
-        lines.append(f"- \"other processes, cores\": CPU time used by processes other than the measured one during"
-                     " each rep (from /proc/stat, less this script's and its children's CPU time), divided by the"
-                     " rep's wall time; near 0 means the rep had the machine to itself. Before each rep the script"
-                     f" waits (up to {r.idle_wait:.0f} s) for a 2 s window with other processes under 0.25 cores; it"
-                     f" waited {waited:.0f} s in all. A rep during which other processes used more than"
-                     f" {MAX_OTHER_CORES} cores is discarded and run again"
-                     + (f": {dropped}" if dropped else " (none was)")
+        dropped = "; ".join(f"`{step_label(row, r)}` " + ", ".join(f"{w:.1f} s ({o:.2f} cores)" for w, o in q.discarded)
+                            for row, q in r.reps.items() if q.discarded)
+        lines.append("- " + quiet_note(r.reps.values(), r.idle_wait, dropped)
                      + f". 1-minute load average before / after the timed steps: {r.load[0]:.2f} / {r.load[-1]:.2f}.")
     lines.append("")
 

@@ -1,11 +1,12 @@
 """Benchmark `rvhub extract` + `rvhub apply` against mergekit task_arithmetic, a naive torch merge and
 the IO floor, on synthetic checkpoints with the shapes of Qwen2.5-0.5B and Qwen2.5-1.5B.
 
-    python scripts/bench_extract_apply.py [--shapes 0.5b,1.5b] [--work .bench] [--reps 1]
+    python scripts/bench_extract_apply.py [--shapes 0.5b,1.5b] [--work .bench] [--reps 1] [--idle-wait 300]
                                           [--out docs/BENCHMARKS.md] [--rvhub .venv/bin/rvhub]
 
-`--shapes tiny` is a fast self-test. Every measured step runs as its own process, from a warm page cache;
-the report goes between this script's markers in --out and to stdout.
+`--shapes tiny` is a fast self-test. Every measured step runs as its own process, from a warm page cache,
+after waiting for other processes to leave the CPU (a rep they disturbed anyway is run again); the report
+goes between this script's markers in --out and to stdout.
 """
 
 from __future__ import annotations
@@ -24,14 +25,16 @@ from _bench_util import (
     SHAPES,
     Comparison,
     Measurement,
+    QuietRuns,
     Shape,
     build_trio,
     compare_checkpoints,
     git_state,
     machine_info,
     md_table,
-    measure,
+    measure_quiet,
     package_version,
+    quiet_note,
     remove,
     replace_section,
     run_once,
@@ -119,6 +122,7 @@ class Bench:
     reps: int
     rvhub: Path | None
     mergekit_yaml: Path
+    idle_wait: float
 
     @property
     def helpers(self) -> Path:
@@ -146,6 +150,7 @@ class ShapeResult:
     shape: Shape
     model_bytes: int
     timings: dict[str, Measurement] = field(default_factory=dict)
+    reps: dict[str, QuietRuns] = field(default_factory=dict)
     comparisons: dict[str, Comparison] = field(default_factory=dict)
     exact: Comparison | None = None
     vector_bytes: int | None = None
@@ -161,6 +166,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=1, help="runs per step (median wall time, max RSS)")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "BENCHMARKS.md", help="Markdown report")
     p.add_argument("--rvhub", type=Path, default=REPO_ROOT / ".venv" / "bin" / "rvhub", help="rvhub CLI")
+    p.add_argument("--idle-wait", type=float, default=300.0,
+                   help="seconds to wait, before each timed run, for other processes to leave the CPU (0: no wait)")
     args = p.parse_args(argv)
     unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
     if unknown or args.reps < 1:
@@ -222,8 +229,10 @@ def run_shape(bench: Bench, shape: Shape) -> ShapeResult:
     def step(row: str, cmd: Sequence[str | Path], inputs: Sequence[Path], outputs: Sequence[Path]) -> None:
         print(f"[{shape.name}] {row} ...", flush=True)
         tag = row.split(") ", 1)[1].replace(" ", "_").replace("+", "_")
-        m = measure([str(c) for c in cmd], bench.log(shape, tag), bench.reps, inputs, outputs)
-        result.timings[row] = m
+        runs = measure_quiet([str(c) for c in cmd], bench.log(shape, tag), bench.reps, inputs, outputs,
+                             bench.idle_wait, f"[{shape.name}]")
+        result.reps[row] = runs
+        result.timings[row] = m = runs.measurement
         print(f"[{shape.name}] {row}: {m.wall_s:.2f} s, {m.peak_rss_mb:.0f} MB", flush=True)
 
     if bench.rvhub:
@@ -280,11 +289,14 @@ def timing_table(r: ShapeResult, skip_reason: str) -> str:
     for row in ROWS:
         m = r.timings.get(row)
         if m is None:
-            rows.append([row, "—", "—", skip_reason])
+            rows.append([row, "—", "—", "—", skip_reason, "—"])
             continue
         ratio = f"{base.wall_s / m.wall_s:.2f}×" if base else "—"
-        rows.append([row, f"{m.wall_s:.2f}", f"{m.peak_rss_mb:,.0f}", ratio])
-    return md_table(["step", "wall s", "peak RSS MB", "vs mergekit"], rows)
+        reps = r.reps[row].reps if row in r.reps else []
+        walls = ", ".join(f"{x.wall_s:.2f}" for x in reps) or "sum of the two rows above"
+        other = ", ".join(f"{x.other_cores:.2f}" for x in reps) or "—"
+        rows.append([row, f"{m.wall_s:.2f}", walls, f"{m.peak_rss_mb:,.0f}", ratio, other])
+    return md_table(["step", "wall s", "each rep", "peak RSS MB", "vs mergekit", "other processes, cores"], rows)
 
 
 def equality_lines(r: ShapeResult) -> list[str]:
@@ -372,6 +384,9 @@ def render(results: Sequence[ShapeResult], bench: Bench, command: str, rvhub_not
     skip = "skipped: rvhub not found" if bench.rvhub is None else ""
     for r in results:
         parts += ["", f"### {shape_title(r)}", "", timing_table(r, skip), "", *equality_lines(r)]
+        dropped = "; ".join(f"{row} " + ", ".join(f"{w:.2f} s ({o:.2f} cores)" for w, o in q.discarded)
+                            for row, q in r.reps.items() if q.discarded)
+        parts.append("- " + quiet_note(r.reps.values(), bench.idle_wait, dropped) + ".")
     parts += ["", "### Targets", "", md_table(["target", "result"], target_rows(results))]
     if any(r.shape.name == "tiny" for r in results):
         parts += ["", "_Tiny self-test shape: timings are dominated by start-up and mean nothing._"]
@@ -390,7 +405,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         rvhub_note = f"not found at {args.rvhub}: (a), (d) IO floor apply and (a)'s comparisons skipped"
         print(f"warning: {rvhub_note}", file=sys.stderr)
-    bench = Bench(work, args.reps, rvhub, ensure_mergekit(work / "mergekit-venv"))
+    bench = Bench(work, args.reps, rvhub, ensure_mergekit(work / "mergekit-venv"), args.idle_wait)
     write_helpers(bench)
     results = [run_shape(bench, SHAPES[name]) for name in args.shapes.split(",")]
     command = shlex.join(["python", "scripts/bench_extract_apply.py", *(argv or sys.argv[1:])])
