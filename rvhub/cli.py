@@ -497,7 +497,37 @@ def version() -> None:
 
 
 def main() -> None:
-    app()
+    """The ``rvhub`` console script: run the command, then leave without the interpreter's teardown.
+
+    Tearing down torch and the other imported modules takes ~0.5 s on a 2-core machine (measured: 1.85 s vs
+    1.3 s for a process that only imports them) and does nothing a finished command needs: its outputs are
+    fsynced and renamed and its threads joined before it returns. So the streams are flushed and the process
+    exits at once, unless coverage (which saves its data at exit) is running.
+    """
+    try:
+        app()
+        code = 0
+    except SystemExit as e:
+        code = _exit_code(e.code)
+    if "coverage" in sys.modules:
+        sys.exit(code)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (`rvhub search | head`): nothing more can be said
+            pass
+    os._exit(code)
+
+
+def _exit_code(code: object) -> int:
+    """The exit status ``sys.exit(code)`` would give, printing a message code as Python does."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":
