@@ -21,7 +21,15 @@ from .errors import VectorFormatError
 if TYPE_CHECKING:
     from .card import BenchmarkDelta, ModelRef, VectorCard
 
-TEMPLATE = Path(__file__).resolve().parent.parent / "cards" / "vector-card.md"
+
+def _template_path() -> Path:
+    """``cards/vector-card.md``: inside the package when installed from a wheel, beside it in a clone."""
+    here = Path(__file__).resolve().parent
+    inside = here / "cards" / "vector-card.md"
+    return inside if inside.is_file() else here.parent / "cards" / "vector-card.md"
+
+
+TEMPLATE = _template_path()
 _EMBED = re.compile(r"<!-- rvhub-card\n(.*?)\n-->", re.DOTALL)
 TAGS = ["reasoning-vector", "task-vector", "rvhub"]
 

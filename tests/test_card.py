@@ -394,3 +394,22 @@ def test_card_command_imports_lm_eval_and_rerenders(vector, tmp_path):
 
     bad = runner.invoke(app, ["card", str(vec), "--benchmark", "bbh", "--score-plus", "0.5"])
     assert bad.exit_code == 1 and "benchmark delta field metric" in bad.stderr
+
+
+def test_the_wheel_carries_the_card_template(tmp_path: Path) -> None:
+    """A non-editable install has no cards/ folder beside the package: the template must be inside it."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"
+    shutil.copytree(root, src, ignore=shutil.ignore_patterns(".venv", ".bench", ".git", "demo-out", "build",
+                                                             "*.egg-info", "__pycache__", ".*_cache"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path / "dist")], check=True, capture_output=True)
+    (wheel,) = (tmp_path / "dist").glob("rvhub-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        for name in ("vector-card.md", "vector-card.schema.json"):
+            assert z.read(f"rvhub/cards/{name}") == (root / "cards" / name).read_bytes()
