@@ -178,7 +178,13 @@ def compress(
     if not modules:
         raise VectorFormatError(str(vector), "every 2-D weight delta is zero: there is nothing for LoRA to carry")
     if rule == "budget":  # ranks depend on every module's spectrum: read the deltas again
-        _allocate_budget(modules, int(rule_value))
+        # a module the allocation would grow past the singular values known so far gets twice as many
+        # computed, and the allocation runs again; it ends using known values only, so its result is the
+        # greedy on the full spectra
+        while short := _allocate_budget(modules, int(rule_value)):
+            for m in short:
+                check_stop()
+                _decompose(m, _load(vec, m, dev), rule, rule_value, 2 * m.s.numel(), exact, seed=modules.index(m))
         for m in modules:
             check_stop()
             tensors.update(_finish(m, _load(vec, m, dev), out_dtype))
@@ -262,9 +268,9 @@ def _spectrum_cap(modules: list[_Module], rule: str, value: float) -> Any:
         return lambda m: min(int(value), min(m.shape))
     if rule == "energy":
         return lambda m: min(64, min(m.shape))  # a first guess, grown until the energy is reached
-    # budget: the uniform rank it could buy, with room for the modules that deserve several times that
+    # budget: the uniform rank it could buy; modules that deserve more get more computed later
     mean = value / sum(m.cost for m in modules)
-    return lambda m: min(min(m.shape), max(1, int(4 * mean) + 16))
+    return lambda m: min(min(m.shape), max(1, int(mean)))
 
 
 def _decompose(m: _Module, delta: torch.Tensor, rule: str, value: float, q: int, exact: bool, seed: int) -> None:
@@ -282,35 +288,52 @@ def _decompose(m: _Module, delta: torch.Tensor, rule: str, value: float, q: int,
         q *= 2
     m.rank = max(m.rank, 1)  # never rank 0: a nonzero matrix has a nonzero singular value
     if rule == "budget":  # kept, off the device, until every module's spectrum is known
-        keep = min(q, s.numel())
+        keep = s.numel() if was_exact else min(q, s.numel())  # randomized: the oversampled tail is rough
         m.us, m.v, m.s = (u[:, :keep] * s[:keep]).cpu(), v[:, :keep].cpu(), s[:keep].cpu()
     else:
         m.us, m.v, m.s = u[:, : m.rank] * s[: m.rank], v[:, : m.rank], s[: m.rank]
     m.exact = was_exact
 
 
-def _allocate_budget(modules: list[_Module], budget: int) -> None:
-    """Rank 1 for every module, then the next singular value with the most energy per parameter, greedily."""
+def _allocate_budget(modules: list[_Module], budget: int) -> list[_Module]:
+    """Rank 1 for every module, then the next singular value with the most energy per parameter, greedily.
+
+    Past a module's known singular values its next one is bounded by the last known one; if the greedy
+    takes such a bound, that module is returned, to have more computed (none returned: the allocation is
+    final)."""
     floor = sum(m.cost for m in modules)
     if budget < floor:
         raise InvalidOptionError("--budget", budget, f"must be at least {floor:,}: one rank for each of the "
                                  f"{len(modules)} modules")
     left = budget - floor
+
+    def gain(m: _Module) -> float | None:  # σ²/cost of the module's next rank, None if it has none
+        if m.rank < m.s.numel():
+            return float(m.s[m.rank]) ** 2 / m.cost
+        return float(m.s[-1]) ** 2 / m.cost if m.s.numel() < min(m.shape) and not m.exact else None
+
     heap: list[tuple[float, int]] = []
     for i, m in enumerate(modules):
         m.rank = 1
-        if m.s.numel() > 1:
-            heap.append((-float(m.s[1]) ** 2 / m.cost, i))
+        g = gain(m)
+        if g is not None:
+            heap.append((-g, i))
     heapq.heapify(heap)
+    short: list[_Module] = []
     while heap:
         _, i = heapq.heappop(heap)
         m = modules[i]
         if m.cost > left:
             continue  # this module cannot grow any more; a cheaper one may still
+        if m.rank >= m.s.numel():
+            short.append(m)  # its next singular value is not known yet: stop growing it for now
+            continue
         m.rank += 1
         left -= m.cost
-        if m.rank < m.s.numel():
-            heapq.heappush(heap, (-float(m.s[m.rank]) ** 2 / m.cost, i))
+        g = gain(m)
+        if g is not None:
+            heapq.heappush(heap, (-g, i))
+    return short
 
 
 def _load(vec: VectorFolder, m: _Module, dev: torch.device) -> torch.Tensor:

@@ -394,3 +394,39 @@ def test_base_model_follows_the_recommended_bases(lowrank: Callable[..., tuple[T
     (tmp_path / "plain" / ADAPTER_CONFIG).write_text(json.dumps({**after, "r": 99}))
     with pytest.raises(IntegrityError):
         edit_card(tmp_path / "plain", recommended_bases=["org/newer"])
+
+
+def test_budget_grows_partial_spectra_to_the_full_greedy() -> None:
+    """The allocation sees only the singular values computed so far; the modules it would grow past them get
+    more, and the final ranks are those of the greedy on the full spectra (σ²/cost, most first)."""
+    from rvhub.compress import _allocate_budget, _Module
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(40, 30), (50, 20), (30, 30), (60, 10), (25, 45)]
+    spectra = []
+    for i, (m, n) in enumerate(shapes):
+        decay = torch.arange(1, min(m, n) + 1, dtype=torch.float64) ** -(0.3 + 0.3 * i)
+        spectra.append((decay * (1 + 0.01 * torch.rand(min(m, n), generator=g, dtype=torch.float64))).sort(
+            descending=True).values.float())
+    costs = [m + n for m, n in shapes]
+    budget = 9 * sum(costs)
+
+    ranks, left = [1] * len(shapes), budget - sum(costs)  # the greedy, written out on the full spectra
+    while options := [(float(s[r]) ** 2 / c, i)
+                      for i, (s, r, c) in enumerate(zip(spectra, ranks, costs, strict=True))
+                      if r < s.numel() and c <= left]:
+        _, i = max(options)
+        ranks[i] += 1
+        left -= costs[i]
+
+    modules = [_Module(f"m{i}.weight", shape, False) for i, shape in enumerate(shapes)]
+    for m, s in zip(modules, spectra, strict=True):
+        m.s = s[:2]  # as after a first, small decomposition
+    rounds = 0
+    while short := _allocate_budget(modules, budget):
+        rounds += 1
+        for m in short:
+            m.s = spectra[modules.index(m)][: 2 * m.s.numel()]
+    assert rounds >= 2, "the test must exercise the refinement"
+    assert [m.rank for m in modules] == ranks
+    assert max(ranks) > 9 and min(ranks) < 9 and sum(r * c for r, c in zip(ranks, costs, strict=True)) <= budget
