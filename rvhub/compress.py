@@ -181,10 +181,16 @@ def compress(
         # a module the allocation would grow past the singular values known so far gets twice as many
         # computed, and the allocation runs again; it ends using known values only, so its result is the
         # greedy on the full spectra
+        rounds = 1
         while short := _allocate_budget(modules, int(rule_value)):
-            for m in short:
-                check_stop()
-                _decompose(m, _load(vec, m, dev), rule, rule_value, 2 * m.s.numel(), exact, seed=modules.index(m))
+            rounds += 1
+            size = sum(4 * math.prod(m.shape) for m in short)
+            with progress_bar(size, f"compress, budget round {rounds}", progress, len(short)) as bar:
+                for m in short:
+                    check_stop()
+                    _decompose(m, _load(vec, m, dev), rule, rule_value, 2 * m.s.numel(), exact,
+                               seed=modules.index(m))
+                    tensor_done(bar, 4 * math.prod(m.shape))
         for m in modules:
             check_stop()
             tensors.update(_finish(m, _load(vec, m, dev), out_dtype))
