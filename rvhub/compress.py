@@ -80,7 +80,7 @@ class _Module:
     err32_sq: float = 0.0  # the same with the float32 factors
 
     def report(self) -> ModuleReport:
-        energy = min(1.0, float((self.s[: self.rank].double() ** 2).sum()) / self.sq_norm)
+        energy = min(1.0, self.kept_sq / self.sq_norm)
         return ModuleReport(name=self.name, shape=self.shape, rank=self.rank, energy=energy,
                             rel_error=math.sqrt(self.err_sq / self.sq_norm), params=self.rank * self.cost)
 
@@ -91,6 +91,16 @@ class _Module:
     @property
     def cost(self) -> int:
         return sum(self.shape)
+
+    @property
+    def kept_sq(self) -> float:
+        """Σ_{i≤rank} σ_i²: the energy the module's factors keep."""
+        return float((self.s[: self.rank].double() ** 2).sum())
+
+    @property
+    def work_bytes(self) -> int:
+        """The float32 delta's size, the unit of the progress bars."""
+        return 4 * math.prod(self.shape)
 
 
 def _oversample(rank: int) -> int:
@@ -164,7 +174,7 @@ def compress(
     residual_sq = sum(vec.sq_norm(name) for name in residual)
     cap = _spectrum_cap(modules, rule, rule_value)
     tensors: dict[str, torch.Tensor] = {}
-    with progress_bar(sum(4 * math.prod(m.shape) for m in modules), "compress", progress, len(modules)) as bar:
+    with progress_bar(sum(m.work_bytes for m in modules), "compress", progress, len(modules)) as bar:
         for i, m in enumerate(modules):
             check_stop()
             delta = _load(vec, m, dev)
@@ -172,7 +182,7 @@ def compress(
             _decompose(m, delta, rule, rule_value, cap(m), exact, seed=i)
             if rule != "budget" and m.sq_norm > 0:  # the rank is known: finish while the delta is here
                 tensors.update(_finish(m, delta, out_dtype))
-            tensor_done(bar, 4 * math.prod(m.shape))
+            tensor_done(bar, m.work_bytes)
             del delta
     modules = [m for m in modules if m.sq_norm > 0]  # a module whose delta is zero has nothing to carry
     if not modules:
@@ -184,13 +194,13 @@ def compress(
         rounds = 1
         while short := _allocate_budget(modules, int(rule_value)):
             rounds += 1
-            size = sum(4 * math.prod(m.shape) for m in short)
+            size = sum(m.work_bytes for m in short)
             with progress_bar(size, f"compress, budget round {rounds}", progress, len(short)) as bar:
                 for m in short:
                     check_stop()
                     _decompose(m, _load(vec, m, dev), rule, rule_value, 2 * m.s.numel(), exact,
                                seed=modules.index(m))
-                    tensor_done(bar, 4 * math.prod(m.shape))
+                    tensor_done(bar, m.work_bytes)
         for m in modules:
             check_stop()
             tensors.update(_finish(m, _load(vec, m, dev), out_dtype))
@@ -216,7 +226,7 @@ def compress(
             modules=[m.report() for m in modules],
             residual=residual,
             total_sq_norm=sq_total,
-            adapter_energy=_frac(sum(float((m.s.double() ** 2).sum()) for m in modules), sq_total),
+            adapter_energy=_frac(sum(m.kept_sq for m in modules), sq_total),
             residual_energy=_frac(residual_sq, sq_total),
             dropped_energy=_frac(dropped_sq, sq_total),
             rel_error=math.sqrt(_frac(dropped_sq, sq_total)),
@@ -356,7 +366,7 @@ def _finish(m: _Module, delta: torch.Tensor, dtype: torch.dtype) -> dict[str, to
     root = s.sqrt()
     b = us / torch.where(root > 0, root, torch.ones_like(root))  # U·√S, from U·S
     a = (v * root).mT
-    rest = m.sq_norm - float((s.double() ** 2).sum())
+    rest = m.sq_norm - m.kept_sq
     m.err32_sq = rest if rest >= CLOSED_FORM_MIN * m.sq_norm else _sq(delta - b @ a)
     b, a = b.to(dtype), a.to(dtype)
     m.err_sq = m.err32_sq

@@ -15,7 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -377,9 +377,12 @@ def measure_quiet(cmd: Sequence[str], log: Path, reps: int, inputs: Sequence[Pat
     return QuietRuns(kept, discarded)
 
 
-def quiet_note(runs: Iterable[QuietRuns], idle_wait: float, dropped: str) -> str:
-    """How the reps were kept quiet, for a report: the idle wait, the discard rule, what was discarded."""
-    waited = sum(r.waited_s for q in runs for r in q.reps)
+def quiet_note(runs: Mapping[str, QuietRuns], idle_wait: float) -> str:
+    """How the reps were kept quiet, for a report: the idle wait, the discard rule, and the reps discarded,
+    under each step's label (the keys of ``runs``)."""
+    waited = sum(r.waited_s for q in runs.values() for r in q.reps)
+    dropped = "; ".join(f"{label} " + ", ".join(f"{w:.2f} s ({o:.2f} cores)" for w, o in q.discarded)
+                        for label, q in runs.items() if q.discarded)
     return ("\"other processes, cores\": CPU time used by processes other than the measured one during each rep"
             " (from /proc/stat, less this script's and its children's CPU time), divided by the rep's wall time;"
             " near 0 means the rep had the machine to itself. Before each rep the script waits (up to"

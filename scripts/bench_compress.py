@@ -684,9 +684,8 @@ def render_shape(r: Result) -> list[str]:
         lines.append("- In-process time reported by rvhub's `--json` `seconds` (last rep; the wall time above adds"
                      " interpreter start-up and imports): " + ", ".join(own) + ".")
     if r.load:
-        dropped = "; ".join(f"`{step_label(row, r)}` " + ", ".join(f"{w:.1f} s ({o:.2f} cores)" for w, o in q.discarded)
-                            for row, q in r.reps.items() if q.discarded)
-        lines.append("- " + quiet_note(r.reps.values(), r.idle_wait, dropped)
+        labelled = {f"`{step_label(row, r)}`": q for row, q in r.reps.items()}
+        lines.append("- " + quiet_note(labelled, r.idle_wait)
                      + f". 1-minute load average before / after the timed steps: {r.load[0]:.2f} / {r.load[-1]:.2f}.")
     lines.append("")
 

@@ -384,9 +384,7 @@ def render(results: Sequence[ShapeResult], bench: Bench, command: str, rvhub_not
     skip = "skipped: rvhub not found" if bench.rvhub is None else ""
     for r in results:
         parts += ["", f"### {shape_title(r)}", "", timing_table(r, skip), "", *equality_lines(r)]
-        dropped = "; ".join(f"{row} " + ", ".join(f"{w:.2f} s ({o:.2f} cores)" for w, o in q.discarded)
-                            for row, q in r.reps.items() if q.discarded)
-        parts.append("- " + quiet_note(r.reps.values(), bench.idle_wait, dropped) + ".")
+        parts.append("- " + quiet_note(r.reps, bench.idle_wait) + ".")
     parts += ["", "### Targets", "", md_table(["target", "result"], target_rows(results))]
     if any(r.shape.name == "tiny" for r in results):
         parts += ["", "_Tiny self-test shape: timings are dominated by start-up and mean nothing._"]
