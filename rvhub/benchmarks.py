@@ -30,7 +30,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from .card import BenchmarkDelta, HarnessSettings, Scores, VectorCard
-from .errors import InvalidOptionError
+from .errors import InvalidOptionError, VectorFormatError
 
 ROLES = ("target", "plus", "minus", "control")
 
@@ -237,7 +237,10 @@ def _sync_adapter_base(folder: Path, card: VectorCard) -> tuple[VectorCard, dict
     from .card import FileEntry, verify_files
     from .formats import ADAPTER_CONFIG, adapter_base
 
-    verify_files(folder, card.model_copy(update={"files": [f for f in card.files if f.path == ADAPTER_CONFIG]}))
+    listed = [f for f in card.files if f.path == ADAPTER_CONFIG]
+    if not listed:
+        raise VectorFormatError(str(folder), f"{ADAPTER_CONFIG} is not in the card's file manifest")
+    verify_files(folder, card.model_copy(update={"files": listed}))
     config = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     config["base_model_name_or_path"] = adapter_base(card)
     text = json.dumps(config, indent=2, sort_keys=True)  # as PeftConfig.save_pretrained writes it

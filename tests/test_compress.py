@@ -390,10 +390,17 @@ def test_base_model_follows_the_recommended_bases(lowrank: Callable[..., tuple[T
     edit_card(tmp_path / "plain", license="mit")  # other edits leave the config alone
     assert base(tmp_path / "plain") == "org/new"
 
-    # a tampered config is not laundered into the manifest
+    # a tampered config is not laundered into the manifest, and a card that does not list it is refused
     (tmp_path / "plain" / ADAPTER_CONFIG).write_text(json.dumps({**after, "r": 99}))
     with pytest.raises(IntegrityError):
         edit_card(tmp_path / "plain", recommended_bases=["org/newer"])
+    card = VectorCard.read(tmp_path / "local")
+    card.model_copy(update={"files": [f for f in card.files if f.path != ADAPTER_CONFIG]}).write(tmp_path / "local")
+    config_before = (tmp_path / "local" / ADAPTER_CONFIG).read_bytes()
+    with pytest.raises(VectorFormatError, match="not in the card's file manifest"):
+        edit_card(tmp_path / "local", recommended_bases=["org/newer"])
+    assert (tmp_path / "local" / ADAPTER_CONFIG).read_bytes() == config_before
+    assert VectorCard.read(tmp_path / "local").recommended_bases == ["org/instruct", "org/other"]
 
 
 def test_budget_grows_partial_spectra_to_the_full_greedy() -> None:
