@@ -71,7 +71,8 @@ class TensorEntry(_Frozen):
     changed: int = Field(ge=0, description="number of elements that differ between the two models")
     fixups: int = Field(
         ge=0, default=0,
-        description="elements whose delta is stored in float32 hi+lo parts so that from + v == to exactly",
+        description="changed elements whose float32 difference is not a value of the stored dtype; they are "
+        "stored as that exact float32 (float64) difference in fix_hi",
     )
 
 
@@ -294,9 +295,13 @@ class VectorCard(_Frozen):
         "lora: a PEFT LoRA adapter plus a residual file for what LoRA cannot carry"
     )
     values_dtype: Literal["source", "BF16", "F16", "F32"] = Field(
-        description="dtype of the stored deltas; 'source' = each tensor's own dtype (exact by construction)"
+        description="dtype of the stored deltas; 'source' = each tensor's own dtype, with float32 fix-ups where "
+        "a difference is not a value of it (exact)"
     )
-    exact: bool = Field(description="applying the vector to `from` reproduces `to` (up to the sign of zero)")
+    exact: bool = Field(
+        description="every decoded element equals fl32(to) − fl32(from) bit for bit (float64 for F64 tensors; up "
+        "to the sign of zero), so θ + α·v in float32, rounded once, is the reference on any base and α"
+    )
     source_from: ModelRef
     source_to: ModelRef
     model_type: str | None = Field(default=None, description="config.json model_type of the sources")

@@ -225,3 +225,12 @@ class DownloadIntegrityError(IntegrityError):
             f"{file} of {ref} from {where} {what}: refused, nothing was written (the bad copy was dropped "
             "from the cache; if pulling again fails the same way, the registry's copy is damaged)",
         )
+
+
+class VectorStructureError(VectorFormatError):
+    """A stored tensor of a vector or adapter folder disagrees with the card in its structure (dtype, shape,
+    counts, fix-up indices), whatever its sha256; ``tensor`` is the file key at fault."""
+
+    def __init__(self, path: str, tensor: str, reason: str) -> None:
+        self.tensor = tensor
+        VectorFormatError.__init__(self, path, f"{tensor} {reason}")

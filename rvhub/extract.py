@@ -11,14 +11,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 
 from ._io import (
     ST_TO_TORCH,
-    TORCH_TO_ST,
     ShardedWriter,
-    TensorSpec,
     atomic_dir,
     check_output,
     dtype_code,
@@ -28,7 +25,7 @@ from ._progress import progress_bar, tensor_done
 from .card import ModelRef, TensorEntry, VectorCard, file_entry
 from .compat import fingerprints
 from .errors import InvalidOptionError, MissingTensorError, ShapeMismatchError, UnsupportedTensorError
-from .formats import FIX_HI, FIX_INDEX, FIX_LO, MASK, VALUES, VECTOR_STEM, encode_chunk, pack_bits
+from .formats import VECTOR_STEM, TensorEncoder, encode_chunk
 from .sources import CHUNK_ELEMS, ModelSource, TensorInfo, open_model
 
 logger = logging.getLogger(__name__)
@@ -211,7 +208,7 @@ def _header_bound(pairs: list[_Pair], sparse: bool) -> int:
     values, dense, fix-ups) with their real name and shape lengths. Reserving it lets shards be written in
     place, never copied; it costs a few hundred KB of header padding on a billion-parameter model."""
     total = sum(p.dst.numel for p in pairs)
-    offsets = 2 * len(str(21 * total))  # no shard holds more than ~21 bytes per element (dense F32 + fix-ups)
+    offsets = 2 * len(str(21 * total))  # no shard holds more than ~21 bytes per element (dense F64 + fix-ups)
     entry = len('"":{"dtype":"BF16","shape":[],"data_offsets":[,]},') + offsets
     size = 64
     for p in pairs:
@@ -222,13 +219,13 @@ def _header_bound(pairs: list[_Pair], sparse: bool) -> int:
             size += 2 * (name + entry + n + 8)  # ::mask, ::values
         else:
             size += name + entry + dims
-        size += 3 * (name + entry + n + 11)  # ::fix_index, ::fix_hi, ::fix_lo
+        size += 2 * (name + entry + n + 11)  # ::fix_index, ::fix_hi
     return size + (-size % 8)
 
 
 def _exact(p: _Pair, sparse: bool, dense_code: str) -> bool:
-    """Whether the tensor's stored form reproduces `to` exactly (with fix-ups): always for sparse; for dense
-    in float32, or in the models' own dtype."""
+    """Whether the tensor's stored form decodes to the float32 difference exactly (with fix-ups): always for
+    sparse; for dense in float32, or in the models' own dtype (elsewhere nearly every element would be one)."""
     return sparse or dense_code == "F32" or p.src.dtype == p.dst.dtype == dense_code
 
 
@@ -257,45 +254,9 @@ def _extract_tensor(
     else:
         values_dtype = ST_TO_TORCH[dense_code]
     exact = _exact(p, sparse, dense_code)
+    enc = TensorEncoder(writer, p.name, p.dst.shape, p.dst.dtype, values_dtype, sparse)
     chunks_f = src_from.iter_chunks(p.src.name, chunk_elems)
     chunks_t = src_to.iter_chunks(p.dst.name, chunk_elems)
-    masks: list[np.ndarray] = []
-    values: list[torch.Tensor] = []
-    fix_pos: list[torch.Tensor] = []
-    fix_hi: list[torch.Tensor] = []
-    fix_lo: list[torch.Tensor] = []
-    changed = 0
-    start = 0
-    dense_writer = None
     for cf, ct in zip(chunks_f, chunks_t, strict=True):
-        enc = encode_chunk(p.name, cf, ct, values_dtype, sparse, exact)
-        changed += enc.n_changed
-        if sparse:
-            masks.append(pack_bits(enc.changed))
-            values.append(enc.values)
-        else:
-            if dense_writer is None:
-                dense_writer = writer.begin(TensorSpec(p.name, TORCH_TO_ST[values_dtype], p.dst.shape))
-            dense_writer.write(enc.values)
-        if enc.fix_pos.numel():
-            fix_pos.append(enc.fix_pos + start)
-            fix_hi.append(enc.fix_hi)
-            fix_lo.append(enc.fix_lo)
-        start += cf.numel()
-    if changed == 0 and sparse:
-        return None
-    if sparse:
-        mask = np.concatenate(masks)
-        writer.add(TensorSpec(p.name + MASK, "U8", (mask.size,)), [mask])
-        vals = torch.cat(values)
-        writer.add(TensorSpec(p.name + VALUES, TORCH_TO_ST[vals.dtype], (vals.numel(),)), [vals])
-    n_fix = sum(t.numel() for t in fix_pos)
-    if n_fix:
-        pos, hi, lo = torch.cat(fix_pos), torch.cat(fix_hi), torch.cat(fix_lo)
-        writer.add(TensorSpec(p.name + FIX_INDEX, "I64", (n_fix,)), [pos])
-        writer.add(TensorSpec(p.name + FIX_HI, TORCH_TO_ST[hi.dtype], (n_fix,)), [hi])
-        writer.add(TensorSpec(p.name + FIX_LO, TORCH_TO_ST[lo.dtype], (n_fix,)), [lo])
-    return TensorEntry(
-        name=p.name, shape=p.dst.shape, source_dtype=p.dst.dtype,  # type: ignore[arg-type]
-        changed=changed, fixups=n_fix,
-    )
+        enc.add(encode_chunk(p.name, cf, ct, values_dtype, sparse, exact))
+    return enc.finish()

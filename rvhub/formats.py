@@ -1,15 +1,21 @@
 """Vector folder formats: how a delta is encoded in safetensors, and how it is read back in chunks.
 
+Exact means: every decoded element equals ``d = fl32(to) − fl32(from)``, the difference computed in float32
+(float64 for float64 tensors), bit for bit. Then ``θ + α·v`` in float32, rounded once, is the same as the
+reference computed from the three models, on every base and for every α.
+
 sparse (default, exact): per tensor ``NAME::mask`` (packed little-endian bitmask of changed elements, uint8)
 and ``NAME::values`` (the deltas of the changed elements, in the tensor's own dtype). A difference of two
 values of one binary format within a factor of two of each other is exact in that format (Sterbenz), so
-almost every delta fits in 16 bits. The rare elements where the stored value would not give ``from + v ==
-to`` after rounding (sign changes, values far from zero moved close to it) get ``NAME::fix_index`` (flat
-element index), ``NAME::fix_hi`` and ``NAME::fix_lo`` (float32): apply then computes
-``(θ + α·hi) + α·lo``, which reproduces ``to`` from ``from`` exactly.
+almost every delta fits in 16 bits. The elements whose ``d`` is not exactly a value of that dtype (sign
+changes, values far apart, overflow of the 16-bit range) are fix-ups: ``NAME::fix_index`` (sorted flat
+element indices) and ``NAME::fix_hi`` (float32/64: ``d`` itself), which replaces the stored value.
+
+Vectors written before this rule may also hold ``NAME::fix_lo``; they are read as they were written:
+``(θ + α·hi) + α·lo``, which reproduces ``to`` from ``from`` (their promise) but is not ``d`` on other bases.
 
 dense: ``NAME`` holds the full delta of every float tensor (zeros for unchanged ones) in float32, or a
-smaller dtype; with fix-ups it is exact in float32 and in the models' own dtype, and lossy otherwise.
+smaller dtype; with fix-ups (models of that same dtype) it is exact, and lossy otherwise.
 
 Sparse vectors omit tensors equal in both models; both formats list them in the card as unchanged.
 """
@@ -21,13 +27,22 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from ._io import TORCH_TO_ST
+from ._io import TORCH_TO_ST, ShardedWriter, TensorSpec
+from ._vector_check import (
+    check_fix_index,
+    check_fix_on_changed,
+    check_headers,
+    check_mask_count,
+    check_mask_padding,
+    read_headers,
+)
 from .card import TensorEntry, VectorCard, verify_files
-from .errors import CorruptFileError, ExactnessError, NonFiniteError, VectorFormatError
+from .errors import CorruptFileError, NonFiniteError, VectorFormatError, VectorStructureError
 from .sources import CHUNK_ELEMS, Reader, row_blocks
 from .sources import open_safetensors as _open
 
@@ -52,9 +67,8 @@ class EncodedChunk:
     changed: np.ndarray  # bool, chunk length
     n_changed: int
     values: torch.Tensor  # stored dtype: changed elements (sparse) or every element (dense)
-    fix_pos: torch.Tensor  # int64
-    fix_hi: torch.Tensor  # float32/64
-    fix_lo: torch.Tensor
+    fix_pos: torch.Tensor  # int64, sorted
+    fix_hi: torch.Tensor  # float32/64: the exact difference of those elements
 
 
 def check_finite(name: str, t: torch.Tensor, where: str) -> None:
@@ -69,7 +83,7 @@ def check_finite(name: str, t: torch.Tensor, where: str) -> None:
 def encode_chunk(
     name: str, f_raw: torch.Tensor, t_raw: torch.Tensor, values_dtype: torch.dtype, sparse: bool, exact: bool
 ) -> EncodedChunk:
-    """Encode ``t_raw − f_raw`` (flat chunks) so that applying it to ``f_raw`` gives ``t_raw``.
+    """Encode ``t_raw − f_raw`` (flat chunks), the difference computed in float32 (float64 for F64).
 
     Only changed elements are converted and subtracted: RL leaves most of them bit-identical.
     """
@@ -82,32 +96,107 @@ def encode_chunk(
     else:
         changed = (f_raw.to(work) != t_raw.to(work)).numpy()
     idx = torch.from_numpy(np.flatnonzero(changed))
-    t_sel = t_raw.index_select(0, idx)
-    f = f_raw.index_select(0, idx).to(work)
-    t = t_sel.to(work)
-    d = t - f
+    d = t_raw.index_select(0, idx).to(work) - f_raw.index_select(0, idx).to(work)
     check_finite(name, d, "the difference overflows")
+    return _encode_selected(changed, idx, d, values_dtype, sparse, exact)
+
+
+def encode_delta(
+    d: torch.Tensor, values_dtype: torch.dtype, sparse: bool, changed: np.ndarray | None = None, exact: bool = True
+) -> EncodedChunk:
+    """Encode an arbitrary flat chunk of deltas ``d`` (float32, or float64) in the vector format.
+
+    ``changed`` (bool, one per element) marks the elements a sparse vector stores; it defaults to ``d != 0``.
+    Elements outside it must be zero: they decode as zero. With ``exact``, every element whose value in
+    ``values_dtype`` is not exactly ``d`` becomes a fix-up holding ``d``, so decoding gives ``d`` bit for bit
+    (up to the sign of zero); without, ``d`` is rounded to ``values_dtype``. Write the chunks of one tensor
+    with :class:`TensorEncoder`.
+    """
+    if d.dtype not in (torch.float32, torch.float64) or d.dim() != 1:
+        raise ValueError(f"encode_delta takes a flat float32/float64 tensor, not {d.dtype} {tuple(d.shape)}")
+    if changed is None:
+        changed = (d != 0).numpy()
+    idx = torch.from_numpy(np.flatnonzero(changed))
+    return _encode_selected(changed, idx, d.index_select(0, idx), values_dtype, sparse, exact)
+
+
+def _encode_selected(
+    changed: np.ndarray, idx: torch.Tensor, d: torch.Tensor, values_dtype: torch.dtype, sparse: bool, exact: bool
+) -> EncodedChunk:
+    """The encoding of a chunk whose elements ``idx`` (flagged in ``changed``) have exact deltas ``d``."""
     stored = d.to(values_dtype)
     fix_pos = torch.empty(0, dtype=torch.int64)
-    fix_hi = fix_lo = torch.empty(0, dtype=work)
-    if exact:
-        # exactly what apply computes on `from`; t − f itself may be inexact (|t| ≪ |f|), so check the result
-        recon = (f + stored.to(work)).to(t_raw.dtype)
-        bad = (recon != t_sel).nonzero().reshape(-1)
+    fix_hi = torch.empty(0, dtype=d.dtype)
+    if exact and values_dtype != d.dtype:
+        # ``==`` is bitwise for finite values but for ±0, whose sign a difference cannot carry anyway
+        bad = (stored.to(d.dtype) != d).nonzero().reshape(-1)
         if bad.numel():
             fix_pos = idx[bad]
             fix_hi = d[bad]
-            s1 = f[bad] + fix_hi
-            fix_lo = t[bad] - s1
-            still = (s1 + fix_lo).to(t_raw.dtype) != t_sel[bad]
-            if bool(still.any()):
-                raise ExactnessError(name, int(still.sum()))
+            stored[bad] = 0  # never read (the fix-up replaces it); keeps an overflowed ±inf out of the file
     if sparse:
         values = stored
     else:
-        values = torch.zeros(f_raw.numel(), dtype=values_dtype)
+        values = torch.zeros(changed.size, dtype=values_dtype)
         values.index_put_((idx,), stored)
-    return EncodedChunk(changed, int(idx.numel()), values, fix_pos, fix_hi, fix_lo)
+    return EncodedChunk(changed, int(idx.numel()), values, fix_pos, fix_hi)
+
+
+class TensorEncoder:
+    """Writes one tensor's encoded chunks (in order) into a vector's :class:`ShardedWriter`.
+
+    ``source_dtype`` is the tensor's dtype in the models (the card's); ``values_dtype`` the stored one.
+    """
+
+    def __init__(
+        self, writer: ShardedWriter, name: str, shape: tuple[int, ...], source_dtype: str,
+        values_dtype: torch.dtype, sparse: bool,
+    ) -> None:
+        self.writer, self.name, self.shape, self.source_dtype = writer, name, shape, source_dtype
+        self.values_dtype, self.sparse = values_dtype, sparse
+        self._masks: list[np.ndarray] = []
+        self._values: list[torch.Tensor] = []
+        self._fix_pos: list[torch.Tensor] = []
+        self._fix_hi: list[torch.Tensor] = []
+        self._changed = 0
+        self._start = 0
+        self._dense: Any = None
+
+    def add(self, enc: EncodedChunk) -> None:
+        """The next chunk of the tensor (flat, in order)."""
+        self._changed += enc.n_changed
+        if self.sparse:
+            self._masks.append(pack_bits(enc.changed))
+            self._values.append(enc.values)
+        else:
+            if self._dense is None:
+                code = TORCH_TO_ST[self.values_dtype]
+                self._dense = self.writer.begin(TensorSpec(self.name, code, self.shape))
+            self._dense.write(enc.values)
+        if enc.fix_pos.numel():
+            self._fix_pos.append(enc.fix_pos + self._start)
+            self._fix_hi.append(enc.fix_hi)
+        self._start += enc.changed.size
+
+    def finish(self) -> TensorEntry | None:
+        """Write the tensor's keys; its card entry, or None for a sparse tensor with no changed element."""
+        if self._changed == 0 and self.sparse:
+            return None
+        w = self.writer
+        if self.sparse:
+            mask = np.concatenate(self._masks)
+            w.add(TensorSpec(self.name + MASK, "U8", (mask.size,)), [mask])
+            vals = torch.cat(self._values).to(self.values_dtype)
+            w.add(TensorSpec(self.name + VALUES, TORCH_TO_ST[vals.dtype], (vals.numel(),)), [vals])
+        n_fix = sum(t.numel() for t in self._fix_pos)
+        if n_fix:
+            pos, hi = torch.cat(self._fix_pos), torch.cat(self._fix_hi)
+            w.add(TensorSpec(self.name + FIX_INDEX, "I64", (n_fix,)), [pos])
+            w.add(TensorSpec(self.name + FIX_HI, TORCH_TO_ST[hi.dtype], (n_fix,)), [hi])
+        return TensorEntry(
+            name=self.name, shape=self.shape, source_dtype=self.source_dtype,  # type: ignore[arg-type]
+            changed=self._changed, fixups=n_fix,
+        )
 
 
 def pack_bits(mask: np.ndarray) -> np.ndarray:
@@ -121,7 +210,8 @@ def unpack_bits(packed: np.ndarray, count: int) -> np.ndarray:
 @dataclass
 class DeltaChunk:
     """A chunk of α·v, ready to add: ``out[index] += values`` (or ``out += values`` when ``index`` is None,
-    dense), then ``out[fix_pos] += fix_lo``. Positions are relative to the chunk start."""
+    dense), then, for an old vector with ``fix_lo`` parts, ``out[fix_pos] += fix_lo``. Positions are
+    relative to the chunk start."""
 
     index: torch.Tensor | None
     values: torch.Tensor
@@ -135,7 +225,7 @@ class DeltaChunk:
             acc[: self.values.numel()].add_(self.values.to(dev))
         elif self.index.numel():
             acc.index_add_(0, self.index.to(dev), self.values.to(dev))
-        if self.fix_pos.numel():
+        if self.fix_lo.numel():  # only vectors written before fix-ups became exact differences
             pos = self.fix_pos.to(dev)
             acc[pos] += self.fix_lo.to(dev)
 
@@ -186,6 +276,14 @@ class VectorFolder:
             key = entry.name + (MASK if sparse else "")
             if key not in self._where:
                 raise VectorFormatError(str(folder), f"tensor {entry.name} listed in the card is not stored")
+        headers = read_headers(set(self._where.values()))
+        for key, file in self._where.items():
+            if headers.get(key, (None, None, file))[2] != file or key not in headers:
+                raise VectorStructureError(str(folder), key, f"is not stored in {file.name}, where the index puts it")
+        unlisted = sorted(set(headers) - set(self._where))
+        if unlisted:
+            raise VectorStructureError(str(folder), unlisted[0], "is stored but not listed in the index")
+        check_headers(str(folder), self.entries, {k: h[:2] for k, h in headers.items()}, sparse, card.values_dtype)
 
     def stored_keys(self, name: str) -> list[str]:
         """The file keys that encode tensor ``name`` (its data, mask, values and fix-ups)."""
@@ -228,7 +326,10 @@ class VectorFolder:
         if name + FIX_INDEX not in self._where:
             none = torch.empty(0, dtype=work)
             return torch.empty(0, dtype=torch.int64), none, none
-        return self._get(name + FIX_INDEX), self._get(name + FIX_HI).to(work), self._get(name + FIX_LO).to(work)
+        lo = self._get(name + FIX_LO).to(work) if name + FIX_LO in self._where else torch.empty(0, dtype=work)
+        index = self._get(name + FIX_INDEX)
+        check_fix_index(str(self.folder), name, index, math.prod(self.entries[name].shape))
+        return index, self._get(name + FIX_HI).to(work), lo
 
     def delta_chunks(
         self, name: str, rows: int, chunk_elems: int, scale: float, work: torch.dtype
@@ -245,6 +346,7 @@ class VectorFolder:
         # one block for a scalar or an empty tensor, as ModelSource.iter_chunks yields one chunk for them
         blocks = (row_blocks(shape, chunk_elems) if entry.shape else []) or [(0, rows if entry.shape else 1)]
         key = name + (MASK if self.sparse else "")
+        numel = math.prod(entry.shape)
         offset = 0
         for a, b in blocks:
             end = min(b, vrows)
@@ -254,9 +356,13 @@ class VectorFolder:
             if m <= 0:
                 values = torch.empty(0, dtype=work)
             elif self.sparse:
-                bits = unpack_bits(self._get(key, (lo // 8, (hi + 7) // 8)).numpy(), m)
-                index = torch.from_numpy(np.flatnonzero(bits))
+                packed = self._get(key, (lo // 8, (hi + 7) // 8)).numpy()
+                if hi == numel:
+                    check_mask_padding(str(self.folder), name, packed, numel)
+                index = torch.from_numpy(np.flatnonzero(unpack_bits(packed, m)))
                 k = int(index.numel())
+                if offset + k > entry.changed:
+                    check_mask_count(str(self.folder), name, offset + k, entry.changed)
                 values = self._get(name + VALUES, (offset, offset + k)).to(work, copy=True)
                 offset += k
             else:
@@ -269,14 +375,17 @@ class VectorFolder:
                 if i1 > i0:
                     pos = fix_idx[i0:i1] - lo
                     # the exact hi part replaces the rounded stored value of these elements
-                    slot = pos if index is None else torch.searchsorted(index, pos)
+                    slot = pos if index is None else check_fix_on_changed(str(self.folder), name, index, pos)
                     values[slot] = fix_hi[i0:i1]
-                    flo = fix_lo[i0:i1]
+                    if fix_lo.numel():
+                        flo = fix_lo[i0:i1]
             if scale != 1.0:
                 values.mul_(scale)
-                flo = flo * scale
+                if flo.numel():
+                    flo = flo * scale
             yield DeltaChunk(index, values, pos, flo)
-
+        if self.sparse and rows >= vrows:  # every block of the vector was read
+            check_mask_count(str(self.folder), name, offset, entry.changed)
 
 
 class AdapterFolder:
@@ -318,6 +427,24 @@ class AdapterFolder:
         for name in self._modules:
             if self._lora_keys(name)[0] not in self._keys:
                 raise VectorFormatError(str(folder), f"LoRA factors of {name} listed in the card are not stored")
+        self._check_factors({m.name: m.rank for m in report.modules})
+
+    def _check_factors(self, ranks: dict[str, int]) -> None:
+        """Each module's A and B: a float dtype, and the shapes its card entry and rank imply."""
+        headers = read_headers({self._weights})
+        for name, rank in ranks.items():
+            rows, cols = (self.entries[name].shape + (0, 0))[:2]
+            ka, kb, embedding = self._lora_keys(name)
+            want = {ka: (rank, rows), kb: (cols, rank)} if embedding else {ka: (rank, cols), kb: (rows, rank)}
+            for key, shape in want.items():
+                if key not in headers:
+                    raise VectorStructureError(str(self.folder), key, "is missing")
+                dtype, found, _ = headers[key]
+                if dtype not in ("BF16", "F16", "F32"):
+                    raise VectorStructureError(str(self.folder), key, f"is stored as {dtype}; expected a float dtype")
+                if found != shape:
+                    raise VectorStructureError(str(self.folder), key, f"has shape {list(found)}; expected "
+                                               f"{list(shape)} (rank {rank} of a {rows}×{cols} delta)")
 
     def _lora_keys(self, name: str) -> tuple[str, str, bool]:
         """(A key, B key, is an embedding) of a module's weight tensor ``name``."""

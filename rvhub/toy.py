@@ -118,6 +118,28 @@ def plant_sparse_delta(
     return rewrite_weights(sft, rl, out)
 
 
+def plant_relative_delta(
+    sft: Path, rl: Path, *, fraction: float = 0.2, relative: float = 0.05, seed: int = 1,
+    skip: tuple[str, ...] = ("norm",),
+) -> Path:
+    """RL = SFT with ``fraction`` of each tensor's elements moved by N(0, ``relative``·rms) in float32, rounded
+    to the tensor's dtype (rms of that tensor): a large update, under which small elements change sign and
+    many deltas are not exactly values of the tensor's own dtype."""
+    g = torch.Generator().manual_seed(seed)
+    state = load_file(str(_weights_file(sft)))
+    out = {}
+    for name, t in sorted(state.items()):
+        if any(s in name for s in skip) or not t.is_floating_point():
+            out[name] = t
+            continue
+        flat = t.float().reshape(-1).clone()
+        idx = torch.randperm(flat.numel(), generator=g)[: max(1, int(flat.numel() * fraction))]
+        rms = float(flat.square().mean().sqrt()) or 1.0
+        flat[idx] += relative * rms * torch.randn(idx.numel(), generator=g)
+        out[name] = flat.to(t.dtype).reshape(t.shape)
+    return rewrite_weights(sft, rl, out)
+
+
 def add_noise(src: Path, dst: Path, *, std: float = 2e-3, seed: int = 2) -> Path:
     """A sibling of ``src``: every weight moved by N(0, std), rounded to bf16."""
     g = torch.Generator().manual_seed(seed)
@@ -127,11 +149,17 @@ def add_noise(src: Path, dst: Path, *, std: float = 2e-3, seed: int = 2) -> Path
 
 
 def build_trio(root: Path, arch: Arch = "qwen2", *, seed: int = 0, hidden: int = 64, vocab: int = 128,
-               adversarial: int = 0) -> Trio:
-    """SFT, RL and TARGET under ``root``; the TARGET has its own tokenizer tag and generation settings."""
+               adversarial: int = 0, relative: float | None = None) -> Trio:
+    """SFT, RL and TARGET under ``root``; the TARGET has its own tokenizer tag and generation settings.
+
+    RL moves 20% of the elements by 1–3 ulps (:func:`plant_sparse_delta`), or by N(0, ``relative``·rms)
+    (:func:`plant_relative_delta`) when ``relative`` is given."""
     root.mkdir(parents=True, exist_ok=True)
     sft = build_model(root / "sft", arch, seed=seed, hidden=hidden, vocab=vocab, tokenizer_tag="sft")
-    rl = plant_sparse_delta(sft, root / "rl", seed=seed + 1, adversarial=adversarial)
+    if relative is None:
+        rl = plant_sparse_delta(sft, root / "rl", seed=seed + 1, adversarial=adversarial)
+    else:
+        rl = plant_relative_delta(sft, root / "rl", seed=seed + 1, relative=relative)
     save_tokenizer(rl, "rl")
     target = add_noise(sft, root / "target", seed=seed + 2)
     save_tokenizer(target, "target")

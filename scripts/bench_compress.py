@@ -275,7 +275,8 @@ def decode_residual(path: Path) -> dict[str, torch.Tensor]:
             flat[torch.from_numpy(np.flatnonzero(bits))] = raw[f"{name}::values"].double()
         fix = raw.get(f"{name}::fix_index")
         if fix is not None:
-            flat[fix] = raw[f"{name}::fix_hi"].double() + raw[f"{name}::fix_lo"].double()
+            lo = raw.get(f"{name}::fix_lo")  # only in vectors written before fix-ups held the exact difference
+            flat[fix] = raw[f"{name}::fix_hi"].double() + (lo.double() if lo is not None else 0.0)
         out[name] = flat  # flat (a packed mask may be padded past numel): the caller trims and reshapes
     return out
 

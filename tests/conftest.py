@@ -37,6 +37,9 @@ TRIOS: dict[str, dict[str, Any]] = {
     # no hard elements: θ_T + α·v has a plain float32 reference to compare against
     "qwen2_plain": dict(arch="qwen2", seed=20),
     "llama_plain": dict(arch="llama", seed=30),
+    # large updates: 20% of the elements moved by N(0, 5% of the tensor's rms); small ones change sign
+    "qwen2_large": dict(arch="qwen2", seed=80, relative=0.05),
+    "llama_large": dict(arch="llama", seed=90, relative=0.05),
     # big enough (2.9 MB) that safetensors headers do not count in size ratios
     "qwen2_wide": dict(arch="qwen2", seed=40, hidden=256, vocab=1024),
 }
