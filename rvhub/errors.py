@@ -225,3 +225,12 @@ class DownloadIntegrityError(IntegrityError):
             f"{file} of {ref} from {where} {what}: refused, nothing was written (the bad copy was dropped "
             "from the cache; if pulling again fails the same way, the registry's copy is damaged)",
         )
+
+
+class RegistryDamagedError(RegistryError):
+    """A local registry folder holds a ref, commit record, file name, hash or link that rvhub did not write
+    (it leaves the registry, or breaks the layout's rules); nothing is read or written through it."""
+
+    def __init__(self, repo_id: str, where: str, reason: str) -> None:
+        self.where = where
+        super().__init__(repo_id, f"{where}: {reason}; refused (the registry folder was altered or damaged)")
