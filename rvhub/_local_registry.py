@@ -144,9 +144,13 @@ class LocalRegistry(Registry):
                 if not isinstance(entry, dict) or set(entry) != {"sha256", "size"}:
                     raise ValueError("each file is {sha256, size}")
                 FileEntry.model_validate({"path": name, **entry}, strict=True)
-            except (ValidationError, ValueError) as e:
-                why = e.errors()[0]["msg"] if isinstance(e, ValidationError) else str(e)
-                raise self._damaged(repo_id, path, f"file {name[:60]!r}: {why}") from None
+            except ValidationError as e:
+                err = e.errors()[0]
+                field = ".".join(map(str, err["loc"]))
+                got = json.dumps(err.get("input"), default=str)[:60]
+                raise self._damaged(repo_id, path, f"file {name[:60]!r}, {field}: {err['msg']} (got {got})") from None
+            except ValueError as e:
+                raise self._damaged(repo_id, path, f"file {name[:60]!r}: {e}") from None
         return data
 
     def _snapshot(self, repo_id: str, commit: str, names: list[str]) -> Path:

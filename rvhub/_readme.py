@@ -99,7 +99,8 @@ def _escape_json(text: str) -> str:
 def _base_models(card: VectorCard) -> list[str]:
     if card.recommended_bases:
         return list(card.recommended_bases)
-    return [card.source_from.id] if card.source_from.kind == "hub" else []
+    ref = card.source_from
+    return [ref.id] if ref.kind == "hub" and re.fullmatch(HUB_ID_PATTERN, ref.id) and len(ref.id) <= 200 else []
 
 
 def _text(value: object) -> str:
