@@ -329,10 +329,17 @@ def sha256_file(path: Path, block: int = 8 << 20) -> str:
     return h.hexdigest()
 
 
+_MAX_SIZE = 10**15
+
+
 def parse_size(text: str | int) -> int:
     """``"2GB"``, ``"500MB"``, ``"64KiB"`` or an integer number of bytes."""
-    if isinstance(text, int):
+    if isinstance(text, int) and not isinstance(text, bool):
+        if not 1 <= text <= _MAX_SIZE:
+            raise InvalidOptionError("size", text, "must be a positive number of bytes, at most 1PB")
         return text
+    if not isinstance(text, str):
+        raise InvalidOptionError("size", text, "use bytes or a number with KB/MB/GB (or KiB/MiB/GiB)")
     units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
     s = text.strip().upper()
@@ -341,8 +348,8 @@ def parse_size(text: str | int) -> int:
         value = float(num) * units[s[len(num):]]
     except (KeyError, ValueError) as e:
         raise InvalidOptionError("size", text, "use bytes or a number with KB/MB/GB (or KiB/MiB/GiB)") from e
-    if value <= 0:
-        raise InvalidOptionError("size", text, "must be positive")
+    if not math.isfinite(value) or value < 1 or value > _MAX_SIZE:
+        raise InvalidOptionError("size", text, "must be a positive, finite number of bytes, at most 1PB")
     return int(value)
 
 
@@ -375,16 +382,37 @@ _TMP_MARK = ".rvhub-tmp-"
 
 
 def check_output(out: Path, overwrite: bool, inputs: Iterable[Path] = ()) -> None:
-    """Refuse early (before any work) when OUT exists without ``overwrite`` or would replace an input."""
+    """Refuse early (before any work) an OUT that cannot be written or would touch an input: OUT exists
+    without ``overwrite``; a folder on its way is a file; OUT is, contains or lies inside one of ``inputs``
+    (the command's input folders and files, and the folders its registry keeps). Symlinks are followed."""
     out = out.absolute()
-    if out.exists() or out.is_symlink():
-        if not overwrite:
-            raise OutputExistsError(str(out))
-        resolved = out.resolve()
-        for p in inputs:
-            p = p.resolve()
-            if p == resolved or resolved in p.parents:
-                raise InvalidOptionError("output", str(out), "it contains an input; choose another folder")
+    for parent in out.parents:
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                raise InvalidOptionError("output", str(out), f"{parent} is a file, not a folder; choose another path")
+            break
+    check_apart(out, inputs)
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise OutputExistsError(str(out))
+
+
+def check_apart(out: Path, inputs: Iterable[Path], what: str = "output") -> None:
+    """Refuse ``out`` when it is, contains or lies inside one of ``inputs`` (after resolving symlinks)."""
+    real = Path(os.path.realpath(out))
+    for p in inputs:
+        other = Path(os.path.realpath(p))
+        if real == other:
+            how = "is"
+        elif other in real.parents:
+            how = "lies inside"
+        elif real in other.parents:
+            how = "contains"
+        else:
+            continue
+        raise InvalidOptionError(
+            what, str(out),
+            f"it {how} {p}, an input of this command or a folder its registry keeps; choose a path outside it",
+        )
 
 
 def _clean_stale(out: Path) -> None:

@@ -6,7 +6,11 @@ with the template ``cards/vector-card.md``. Pure: no network call (``ModelCard.v
 
 The card's JSON is embedded at the end in an HTML comment (``<!-- rvhub-card … -->``, with ``<``, ``>``
 and ``&`` escaped as JSON ``\\u`` sequences so nothing in it can close the comment): the README alone gives
-the card back, and ``VectorCard.from_readme(render_readme(card)) == card``.
+the card back, and ``VectorCard.from_readme(render_readme(card)) == card``. Only that last block is read: a
+block planted earlier in the text (by a card value, or by a hand edit) is never taken for the card.
+
+Every card value the body shows is escaped (:func:`_text` for prose and table cells, :func:`_code` for code
+spans): a hostile id, model_type or tensor name cannot add Markdown, HTML, links or table columns.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .card import HUB_ID_PATTERN
 from .errors import VectorFormatError
 
 if TYPE_CHECKING:
@@ -30,7 +35,9 @@ def _template_path() -> Path:
 
 
 TEMPLATE = _template_path()
-_EMBED = re.compile(r"<!-- rvhub-card\n(.*?)\n-->", re.DOTALL)
+_EMBED_START = "<!-- rvhub-card\n"
+_EMBED_END = "\n-->"
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|~!#&])")
 TAGS = ["reasoning-vector", "task-vector", "rvhub"]
 
 
@@ -73,11 +80,15 @@ def describe(card: VectorCard, name: str) -> str:
 
 
 def embedded_json(text: str, where: str) -> str:
-    """The card JSON embedded in a rendered README."""
-    found = _EMBED.findall(text)
-    if len(found) != 1:
-        raise VectorFormatError(where, f"expected one embedded rvhub card (<!-- rvhub-card … -->), found {len(found)}")
-    return str(found[0])
+    """The card JSON embedded in a rendered README: the one block rvhub writes, which ends the text."""
+    body = text.rstrip()
+    start = body.rfind(_EMBED_START)
+    if start < 0 or not body.endswith(_EMBED_END):
+        raise VectorFormatError(where, "expected an embedded rvhub card (<!-- rvhub-card … -->) at the end, found none")
+    found = body[start + len(_EMBED_START) : len(body) - len(_EMBED_END)]
+    if "-->" in found:  # rendered JSON escapes '>' (see _escape_json): this is not a block rvhub wrote
+        raise VectorFormatError(where, "the embedded rvhub card at the end is not one rvhub wrote")
+    return found
 
 
 def _escape_json(text: str) -> str:
@@ -88,7 +99,27 @@ def _escape_json(text: str) -> str:
 def _base_models(card: VectorCard) -> list[str]:
     if card.recommended_bases:
         return list(card.recommended_bases)
-    return [card.source_from.id] if card.source_from.kind == "hub" else []
+    ref = card.source_from
+    return [ref.id] if ref.kind == "hub" and re.fullmatch(HUB_ID_PATTERN, ref.id) and len(ref.id) <= 200 else []
+
+
+def _text(value: object) -> str:
+    """A card value as Markdown text (prose or a table cell): one line, control characters shown as '?',
+    every character Markdown or HTML could act on backslash-escaped."""
+    from ._untrusted import printable
+
+    return _MD_SPECIAL.sub(r"\\\1", " ".join(printable(str(value)).split()))
+
+
+def _code(value: object, cell: bool = True) -> str:
+    """A card value as an inline code span: one line, no backtick (it would end the span), and in a table
+    cell no bare '|' (GFM splits cells before it reads code spans)."""
+    from ._untrusted import printable
+
+    text = " ".join(printable(str(value)).split()).replace("`", "'")
+    if cell:
+        text = text.replace("|", "\\|")
+    return f"`{text}`" if text.strip() else "` `"
 
 
 def _short(ref: ModelRef) -> str:
@@ -101,9 +132,11 @@ def _title(card: VectorCard) -> str:
 
 def _ref_text(ref: ModelRef) -> str:
     if ref.kind == "hub":
-        pin = ref.commit or ref.revision or "main"
-        return f"[`{ref.id}`](https://huggingface.co/{ref.id}) at `{pin}`"
-    return f"local folder `{_cell(ref.id)}` (content sha256 `{str(ref.content_sha256)[:16]}…`)"
+        pin = _code(ref.commit or ref.revision or "main")
+        if re.fullmatch(HUB_ID_PATTERN, ref.id) and len(ref.id) <= 200:  # only a real Hub id becomes a link
+            return f"[`{ref.id}`](https://huggingface.co/{ref.id}) at {pin}"
+        return f"{_code(ref.id)} at {pin}"
+    return f"local folder {_code(ref.id)} (content sha256 {_code(str(ref.content_sha256)[:16] + '…')})"
 
 
 def _eval_results(card: VectorCard) -> list[Any]:
@@ -124,10 +157,7 @@ def _eval_results(card: VectorCard) -> list[Any]:
     ]
 
 
-def _cell(value: object) -> str:
-    """Text safe inside a markdown table cell (and outside HTML)."""
-    text = " ".join(str(value).split())
-    return text.replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+_cell = _text
 
 
 def _num(x: float) -> str:
@@ -141,9 +171,11 @@ def _with_diff(x: float | None, base: float, err: float | None) -> str:
     return f"{_num(x)}{pm} ({x - base:+.4g})"
 
 
-def _setup(d: BenchmarkDelta) -> str:
+def _setup(d: BenchmarkDelta, markdown: bool = False) -> str:
+    """How a delta was measured, in a few words (escaped for Markdown when ``markdown``)."""
     h = d.harness
-    parts = [h.name + (f" {h.version[:12]}" if h.version else "")]
+    text = _text if markdown else str
+    parts = [text(h.name + (f" {h.version[:12]}" if h.version else ""))]
     if h.num_fewshot is not None:
         parts.append(f"{h.num_fewshot}-shot")
     if h.chat_template is not None:
@@ -151,11 +183,11 @@ def _setup(d: BenchmarkDelta) -> str:
     if h.fewshot_as_multiturn:
         parts.append("few-shot as multi-turn")
     if h.filter:
-        parts.append(f"filter {h.filter}")
+        parts.append(f"filter {text(h.filter)}")
     if h.system_instruction:
         parts.append("system prompt")
     if h.prompt:
-        parts.append(f"prompt `{h.prompt[:60]}`")
+        parts.append(f"prompt {_code(h.prompt[:60]) if markdown else repr(h.prompt[:60])}")
     return ", ".join(parts)
 
 
@@ -166,7 +198,7 @@ def _delta_row(d: BenchmarkDelta) -> dict[str, str]:
         "metric": _cell(d.metric + ("" if d.higher_is_better else " (lower is better)")),
         "target": _cell(d.target),
         "n": str(d.n) if d.n is not None else "–",
-        "setup": _cell(_setup(d)),
+        "setup": _setup(d, markdown=True),
         "score_target": _num(s.target) + (f" ± {_num(e.target)}" if e else ""),
         "plus": _with_diff(s.plus, s.target, e.plus if e else None).replace("(", f"(α={d.scale:g}: ", 1),
         "minus": _with_diff(s.minus, s.target, e.minus if e else None),
@@ -199,7 +231,7 @@ def _context(card: VectorCard, repo_id: str | None) -> dict[str, Any]:
         }[card.format] + ("; applied to `from` it reproduces `to` exactly" if card.exact else ""),
         "scale": f"{card.recommended_scale:g}",
         "bases": ", ".join(f"[`{b}`](https://huggingface.co/{b})" for b in bases) or "none given",
-        "model_type": f"`{card.model_type}`" if card.model_type else "unknown model_type",
+        "model_type": _code(card.model_type) if card.model_type else "unknown model_type",
         "n_tensors": len(card.tensors),
         "license": card.license or "not stated (check the source models' licenses)",
         "lora": card.format == "lora",
@@ -214,6 +246,9 @@ def _context(card: VectorCard, repo_id: str | None) -> dict[str, Any]:
         "fp": fp,
         "card_json": _escape_json(card.model_dump_json()),
         "card_file": CARD_FILE,
+        "rvhub_version": _text(card.rvhub_version),
+        "arch_model_type": _code(fp.architecture.model_type, False) if fp else "",
+        "file_rows": [(_code(f.path), f.size, f.sha256) for f in card.files],
     }
     comp = card.compression
     if comp is not None:
@@ -232,7 +267,7 @@ def _context(card: VectorCard, repo_id: str | None) -> dict[str, Any]:
         )
     if fp is not None:
         values = fp.config.values
-        shown = [f"`{k}` = `{_cell(json.dumps(v))}`" for k, v in sorted(values.items())]
+        shown = [f"{_code(k, False)} = {_code(json.dumps(v), False)}" for k, v in sorted(values.items())]
         ctx["config_text"] = ", ".join(shown) or "no fields"
         tok = fp.tokenizer
         ctx["tokenizer_text"] = (
@@ -243,7 +278,7 @@ def _context(card: VectorCard, repo_id: str | None) -> dict[str, Any]:
         n_values = sum(length for t in fp.lineage.tensors for _, length in t.spans)
         ctx["lineage_text"] = (
             f"{n_values} weights sampled (seed {fp.lineage.seed}) from "
-            + ", ".join(f"`{t.name}`" for t in fp.lineage.tensors)
+            + ", ".join(_code(t.name, False) for t in fp.lineage.tensors)
             + "; a target must correlate with them to count as a sibling"
         )
     return ctx

@@ -24,6 +24,7 @@ from ._io import (
     write_text,
 )
 from ._progress import progress_bar, tensor_done
+from ._untrusted import decoding
 from .compat import check_model, require_compatible
 from .errors import (
     InvalidOptionError,
@@ -202,12 +203,13 @@ def _apply_tensor(
     work = work_dtype(info.dtype, vec.entries[job.source].source_dtype, job.spec.dtype)
     rows = info.shape[0] if info.shape else 1
     deltas = vec.delta_chunks(job.source, rows, chunk_elems, scale, work)
-    for c, d in zip(chunks, deltas, strict=True):
-        acc = c.to(dev, work, copy=True)  # never add in place into a tensor that may map the target file
-        d.add_to(acc)
-        res = acc.to(out_dtype)
-        check_finite(job.name, res, "target or vector, after applying")
-        w.write(res.cpu())
+    with decoding(str(vec.folder), job.source):
+        for c, d in zip(chunks, deltas, strict=True):
+            acc = c.to(dev, work, copy=True)  # never add in place into a tensor that may map the target file
+            d.add_to(acc)
+            res = acc.to(out_dtype)
+            check_finite(job.name, res, "target or vector, after applying")
+            w.write(res.cpu())
 
 
 def _copy_side_files(tgt: ModelSource, folder: Path, out_code: str | None) -> None:

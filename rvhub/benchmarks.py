@@ -60,6 +60,9 @@ def import_lm_eval(
     model = _model_name(runs["target"])
     deltas = []
     for task in names:
+        for role, run in runs.items():
+            if not isinstance(run["results"].get(task, {}), dict):
+                raise InvalidOptionError(f"--lm-eval-{role}", str(files[role]), f"results.{task} is not an object")
         settings = {role: _settings(run, task) for role, run in runs.items()}
         for role, s in settings.items():
             if role != "target" and s != settings["target"]:
@@ -70,15 +73,15 @@ def import_lm_eval(
                 )
         for key in sorted(runs["target"]["results"][task]):
             metric, _, filt = key.partition(",")
-            if "_stderr" in metric or not isinstance(runs["target"]["results"][task][key], int | float):
+            if "_stderr" in metric or not _is_metric(key, runs["target"]["results"][task][key]):
                 continue
-            values = {role: _score(run, task, key) for role, run in runs.items()}
-            if values["plus"] is None or values["target"] is None:
+            values = {role: _score(run, task, key, files[role], role) for role, run in runs.items()}
+            if values["plus"] is None:  # a metric the plus run did not report: not a delta
                 continue
             for role, value in values.items():
                 if value is None:
                     raise InvalidOptionError(f"--lm-eval-{role}", str(files[role]), f"no {task}.{key} in it")
-            errs = {role: _score(run, task, f"{metric}_stderr,{filt}" if filt else f"{metric}_stderr")
+            errs = {role: _stderr(run, task, f"{metric}_stderr,{filt}" if filt else f"{metric}_stderr")
                     for role, run in runs.items()}
             s = settings["target"]
             t = runs["target"]
@@ -108,10 +111,13 @@ def import_lm_eval(
 
 
 def _load(path: Path, role: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise InvalidOptionError(f"--lm-eval-{role}", str(path), f"not a readable JSON file: {e}") from e
+    from ._untrusted import read_json
+
+    data = read_json(
+        path,
+        error=lambda reason: InvalidOptionError(f"--lm-eval-{role}", str(path), f"not a usable JSON file: {reason}"),
+        allow_nan=True,
+    )
     if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
         raise InvalidOptionError(
             f"--lm-eval-{role}", str(path), "not an lm-evaluation-harness results file (no 'results' object)"
@@ -120,9 +126,9 @@ def _load(path: Path, role: str) -> dict[str, Any]:
 
 
 def _settings(run: dict[str, Any], task: str) -> dict[str, Any]:
-    config = (run.get("configs") or {}).get(task) or {}
-    fewshot = config.get("num_fewshot", (run.get("n-shot") or {}).get(task))
-    samples = (run.get("n-samples") or {}).get(task) or {}
+    config = _obj(_obj(run.get("configs")).get(task))
+    fewshot = config.get("num_fewshot", _obj(run.get("n-shot")).get(task))
+    samples = _obj(_obj(run.get("n-samples")).get(task))
     n = samples.get("effective", samples.get("original"))
     return {
         "num_fewshot": int(fewshot) if isinstance(fewshot, int) else None,
@@ -133,7 +139,27 @@ def _settings(run: dict[str, Any], task: str) -> dict[str, Any]:
     }
 
 
-def _score(run: dict[str, Any], task: str, key: str) -> float | None:
+def _is_metric(key: str, value: Any) -> bool:
+    """``metric,filter`` keys (lm-eval 0.4) and numbers are scores; ``alias`` and other text are not."""
+    return "," in key or (isinstance(value, int | float) and not isinstance(value, bool))
+
+
+def _score(run: dict[str, Any], task: str, key: str, path: str | Path | None, role: str) -> float | None:
+    """The score ``key`` of ``task``: None when the run has none; a clear error when it is there but is not a
+    finite number (a NaN or a string would otherwise drop the metric silently)."""
+    results = run["results"].get(task)
+    if not isinstance(results, dict) or key not in results:
+        return None
+    value = results[key]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidOptionError(
+            f"--lm-eval-{role}", str(path), f"{task}.{key} is {json.dumps(value)[:40]}, not a finite number"
+        )
+    return float(value)
+
+
+def _stderr(run: dict[str, Any], task: str, key: str) -> float | None:
+    """A standard error, or None when unknown (lm-eval writes "N/A" when it has none)."""
     value = (run["results"].get(task) or {}).get(key)
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         return None
@@ -141,13 +167,18 @@ def _score(run: dict[str, Any], task: str, key: str) -> float | None:
 
 
 def _higher(run: dict[str, Any], task: str, metric: str) -> bool:
-    value = ((run.get("higher_is_better") or {}).get(task) or {}).get(metric)
+    value = _obj(_obj(run.get("higher_is_better")).get(task)).get(metric)
     return value if isinstance(value, bool) else True
 
 
 def _prompt(run: dict[str, Any], task: str) -> str | None:
-    value = ((run.get("configs") or {}).get(task) or {}).get("doc_to_text")
+    value = _obj(_obj(run.get("configs")).get(task)).get("doc_to_text")
     return value if isinstance(value, str) else None
+
+
+def _obj(value: Any) -> dict[str, Any]:
+    """``value`` when it is a JSON object, else an empty one (a results file is untrusted input)."""
+    return value if isinstance(value, dict) else {}
 
 
 def _str(value: Any) -> str | None:
@@ -155,7 +186,7 @@ def _str(value: Any) -> str | None:
 
 
 def _model_name(run: dict[str, Any]) -> str:
-    args = (run.get("config") or {}).get("model_args")
+    args = _obj(run.get("config")).get("model_args")
     if isinstance(args, str):
         args = dict(part.split("=", 1) for part in args.split(",") if "=" in part)
     if isinstance(args, dict):

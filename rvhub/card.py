@@ -30,6 +30,7 @@ from . import __version__
 from .errors import IntegrityError, VectorFormatError
 
 CARD_FILE = "rvhub.json"
+MAX_CARD_BYTES = 16 << 20  # see rvhub._untrusted: a card of a 20,000-tensor model is a few MB
 README_FILE = "README.md"
 # Still 1: no card had been published when fingerprints, benchmarks and the Hub card were added (with
 # defaults, so a card written before them still reads). Bump it for any change an older rvhub cannot read.
@@ -38,6 +39,7 @@ HUB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9_.\-]+$"
 HubId = Annotated[str, Field(pattern=HUB_ID_PATTERN, description="a Hugging Face Hub model id, org/name")]
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
+Dim = Annotated[int, Field(ge=0)]
 
 
 class _Frozen(BaseModel):
@@ -66,7 +68,7 @@ class TensorEntry(_Frozen):
     """One tensor of the vector."""
 
     name: str
-    shape: tuple[int, ...]
+    shape: tuple[Dim, ...]
     source_dtype: Literal["BF16", "F16", "F32", "F64"] = Field(description="dtype of the tensor in the models")
     changed: int = Field(ge=0, description="number of elements that differ between the two models")
     fixups: int = Field(
@@ -95,7 +97,7 @@ class ModuleReport(_Frozen):
     """How well one module's delta is carried by its LoRA factors."""
 
     name: str = Field(description="vector tensor (a 2-D weight) that the LoRA pair replaces")
-    shape: tuple[int, int]
+    shape: tuple[Dim, Dim]
     rank: int = Field(ge=1)
     energy: float = Field(ge=0, le=1, description="retained fraction ‖ΔW_r‖²/‖ΔW‖²")
     rel_error: float = Field(ge=0, description="‖ΔW − ΔW_r‖_F / ‖ΔW‖_F")
@@ -141,7 +143,7 @@ class TensorShape(_Frozen):
     """A tensor name and its shape."""
 
     name: str
-    shape: tuple[int, ...]
+    shape: tuple[Dim, ...]
 
 
 class ArchitectureFingerprint(_Frozen):
@@ -153,6 +155,7 @@ class ArchitectureFingerprint(_Frozen):
 
     @model_validator(mode="after")
     def _hash_matches(self) -> ArchitectureFingerprint:
+        _unique("tensors", [t.name for t in self.tensors])
         if self.sha256 != architecture_sha256(self.model_type, self.tensors):
             raise ValueError("sha256 does not match model_type and tensors (hand-edited?)")
         return self
@@ -194,8 +197,8 @@ class SketchTensor(_Frozen):
     """Values of one tensor of the ``from`` model at fixed positions."""
 
     name: str
-    shape: tuple[int, ...]
-    spans: list[tuple[int, int]] = Field(description="(flat start, length) runs of elements, sorted")
+    shape: tuple[Dim, ...]
+    spans: list[tuple[Dim, Dim]] = Field(description="(flat start, length) runs of elements, sorted")
     values: str = Field(description="the elements of the spans in order, float32 little-endian, base64")
 
     @model_validator(mode="after")
@@ -225,6 +228,14 @@ class Fingerprints(_Frozen):
     config: ConfigFingerprint
     tokenizer: TokenizerFingerprint | None = Field(description="None when the `from` model has no tokenizer files")
     lineage: LineageSketch
+
+
+def _unique(what: str, names: list[str]) -> None:
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise ValueError(f"{name!r} appears twice in {what}; each name may appear once")
+        seen.add(name)
 
 
 def canonical_sha256(value: Any) -> str:
@@ -332,6 +343,17 @@ class VectorCard(_Frozen):
             raise ValueError("a compression report goes with format 'lora', and only with it")
         return self
 
+    @model_validator(mode="after")
+    def _names_unique(self) -> VectorCard:
+        listed = [t.name for t in self.tensors]
+        _unique("tensors", listed)
+        _unique("unchanged", self.unchanged)
+        _unique("files", [f.path for f in self.files])
+        both = sorted({t.name for t in self.tensors if t.changed} & set(self.unchanged))
+        if both:  # (a dense vector lists its unchanged tensors in both, with changed 0)
+            raise ValueError(f"{both[0]!r} is listed in unchanged but has changed elements in tensors")
+        return self
+
     def write(self, folder: Path, files: Mapping[str, str] | None = None) -> None:
         """Write ``rvhub.json`` and ``README.md`` (rendered from this card) together, so they always agree.
 
@@ -365,24 +387,32 @@ class VectorCard(_Frozen):
         if not path.is_file():
             raise VectorFormatError(str(folder), f"no {CARD_FILE}")
         try:
-            text = path.read_text(encoding="utf-8")
+            with open(path, "rb") as fh:
+                raw = fh.read(MAX_CARD_BYTES + 1)  # never more than a card may hold
+            text = raw.decode("utf-8")
         except (OSError, ValueError) as e:
             raise VectorFormatError(str(folder), f"cannot read {CARD_FILE}: {e}") from e
         return cls.from_json(text, str(folder))
 
     @classmethod
     def from_json(cls, text: str, where: str) -> VectorCard:
-        """Parse a card's JSON; errors name the field, what was found and what is allowed."""
-        try:
-            raw = json.loads(text)
-        except ValueError as e:
-            raise VectorFormatError(where, f"{CARD_FILE} is not valid JSON: {e}") from e
+        """Parse a card's JSON; errors name the field, what was found and what is allowed.
+
+        The text is untrusted: its size, depth and longest string are bounded before it is parsed, and it
+        is validated strictly (``1.0`` or ``true`` is not the integer 1).
+        """
+        from ._untrusted import parse_json
+
+        raw = parse_json(
+            text, where, max_bytes=MAX_CARD_BYTES,
+            error=lambda reason: VectorFormatError(where, f"{CARD_FILE}: {reason}"),
+        )
         if not isinstance(raw, dict):
             raise VectorFormatError(where, f"{CARD_FILE} must hold a JSON object", field="")
         version = raw.get("schema_version")
-        if version != SCHEMA_VERSION:
-            newer = isinstance(version, int) and version > SCHEMA_VERSION
-            writer = f", written by rvhub {raw.get('rvhub_version')}" if raw.get("rvhub_version") else ""
+        if type(version) is not int or version != SCHEMA_VERSION:
+            newer = type(version) is int and version > SCHEMA_VERSION
+            writer = f", written by rvhub {str(raw.get('rvhub_version'))[:40]}" if raw.get("rvhub_version") else ""
             hint = "read it with a newer rvhub" if newer else "it is not an rvhub card"
             raise VectorFormatError(
                 where,
@@ -391,7 +421,7 @@ class VectorCard(_Frozen):
                 field="schema_version",
             )
         try:
-            return cls.model_validate(raw)
+            return cls.model_validate_json(text, strict=True)
         except ValidationError as e:
             errors = e.errors()
             where_first = ".".join(str(p) for p in errors[0]["loc"])

@@ -18,6 +18,7 @@ import typer
 
 from . import __version__
 from ._io import Interrupted, request_stop
+from ._untrusted import printable
 from .errors import RvhubError
 
 app = typer.Typer(
@@ -80,7 +81,9 @@ def _run(
     debug: bool, json_out: bool, call: Callable[[], T], human: Callable[[T], str],
     exit_code: Callable[[T], int] = lambda result: 0,
 ) -> None:
-    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s", stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_PrintableFormatter("warning: %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
     debug = debug or os.environ.get("RVHUB_DEBUG", "") not in ("", "0")
     # Ctrl-C and SIGTERM stop the work at the next chunk (an exception raised inside a library call could
     # come out as another error); the temporary output is then removed and OUT left as it was
@@ -91,7 +94,7 @@ def _run(
     except RvhubError as e:
         if debug:
             traceback.print_exc()
-        typer.echo(f"error: {e}", err=True)
+        typer.echo(printable(f"error: {e}"), err=True)
         raise typer.Exit(1) from None
     except (Interrupted, KeyboardInterrupt) as e:
         typer.echo("interrupted; nothing was written", err=True)
@@ -99,10 +102,15 @@ def _run(
     if json_out:
         typer.echo(json.dumps(_to_dict(result), indent=2))
     else:
-        typer.echo(human(result))
+        typer.echo(printable(human(result)))  # card values may hold terminal escapes
     code = exit_code(result)
     if code:
         raise typer.Exit(code)
+
+
+class _PrintableFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record))
 
 
 def _to_dict(result: Any) -> Any:

@@ -39,7 +39,7 @@ from .card import (
     architecture_sha256,
     canonical_sha256,
 )
-from .errors import IncompatibleError
+from .errors import IncompatibleError, RvhubError
 from .sources import ModelSource, open_model, open_remote
 
 logger = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ WARN_FIELDS = (
 _NORM_EPS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_epsilon", "norm_eps")
 
 SKETCH_SEED = 0
+_MAX_TOKENIZER_JSON = 256 << 20
 SKETCH_TENSORS = 4
 SKETCH_SPANS = 4
 SKETCH_SPAN = 128  # contiguous elements per span: a Hub target costs one Range request per span
@@ -191,10 +192,12 @@ def _special_tokens(*configs: dict[str, Any]) -> dict[str, str]:
 def _json(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        logger.warning("%s is not valid JSON; left out of the tokenizer fingerprint", path)
+    from ._untrusted import read_json
+
+    try:  # a tokenizer.json can hold tens of MB (Gemma's: 33 MB)
+        data = read_json(path, max_bytes=_MAX_TOKENIZER_JSON, allow_nan=True)
+    except RvhubError as e:
+        logger.warning("%s is not usable JSON (%s); left out of the tokenizer fingerprint", path, e)
         return None
     return data if isinstance(data, dict) else None
 

@@ -31,6 +31,7 @@ from ._io import (
     dtype_code,
 )
 from ._progress import progress_bar, tensor_done
+from ._untrusted import decoding
 from .apply import resolve_device
 from .card import HUB_ID_PATTERN, CompressionReport, ModuleReport, SvdCheck, VectorCard, file_entry
 from .errors import InvalidOptionError, VectorFormatError
@@ -171,7 +172,8 @@ def compress(
         raise VectorFormatError(str(vector), "no 2-D weight deltas to compress (all would stay in the residual)")
 
     out_dtype = ST_TO_TORCH[code]
-    residual_sq = sum(vec.sq_norm(name) for name in residual)
+    with decoding(str(vector), "a residual tensor"):
+        residual_sq = sum(vec.sq_norm(name) for name in residual)
     cap = _spectrum_cap(modules, rule, rule_value)
     tensors: dict[str, torch.Tensor] = {}
     with progress_bar(sum(m.work_bytes for m in modules), "compress", progress, len(modules)) as bar:
@@ -354,7 +356,8 @@ def _allocate_budget(modules: list[_Module], budget: int) -> list[_Module]:
 
 def _load(vec: VectorFolder, m: _Module, dev: torch.device) -> torch.Tensor:
     """The module's delta as the matrix PEFT factors: ΔW, or ΔEᵀ for an embedding (PEFT holds B·A = ΔEᵀ)."""
-    delta = vec.dense(m.name)
+    with decoding(str(vec.folder), m.name):
+        delta = vec.dense(m.name)
     return (delta.mT if m.embedding else delta).to(dev)
 
 

@@ -234,3 +234,12 @@ class VectorStructureError(VectorFormatError):
     def __init__(self, path: str, tensor: str, reason: str) -> None:
         self.tensor = tensor
         VectorFormatError.__init__(self, path, f"{tensor} {reason}")
+
+
+class RegistryDamagedError(RegistryError):
+    """A local registry folder holds a ref, commit record, file name, hash or link that rvhub did not write
+    (it leaves the registry, or breaks the layout's rules); nothing is read or written through it."""
+
+    def __init__(self, repo_id: str, where: str, reason: str) -> None:
+        self.where = where
+        super().__init__(repo_id, f"{where}: {reason}; refused (the registry folder was altered or damaged)")

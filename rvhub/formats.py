@@ -22,7 +22,6 @@ Sparse vectors omit tensors equal in both models; both formats list them in the 
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 
 from ._io import TORCH_TO_ST, ShardedWriter, TensorSpec
+from ._untrusted import read_json
 from ._vector_check import (
     check_fix_index,
     check_fix_on_changed,
@@ -258,10 +258,12 @@ class VectorFolder:
         index = folder / f"{stem}.safetensors.index.json"
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
+                weight_map = dict(read_json(index)["weight_map"])  # bounded: the folder is untrusted
             except (ValueError, KeyError, TypeError) as e:
                 raise CorruptFileError(str(index), f"invalid index: {e}") from e
             for key, fname in weight_map.items():
+                if not isinstance(fname, str):
+                    raise CorruptFileError(str(index), f"shard name {fname!r} is not a plain file name")
                 if Path(fname).name != fname:
                     raise CorruptFileError(str(index), f"shard name {fname!r} is not a plain file name")
                 self._where[key] = folder / fname
@@ -403,10 +405,8 @@ class AdapterFolder:
         config_path = folder / ADAPTER_CONFIG
         if not config_path.is_file():
             raise VectorFormatError(str(folder), "adapter_config.json is missing: this adapter folder is incomplete")
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except ValueError as e:
-            raise VectorFormatError(str(folder), f"adapter_config.json is not valid JSON: {e}") from e
+        raw = read_json(config_path, error=lambda r: VectorFormatError(str(folder), f"adapter_config.json: {r}"))
+        config: Any = raw if isinstance(raw, dict) else {}
         if config.get("peft_type") != "LORA":
             raise VectorFormatError(str(folder), f"adapter_config.json: peft_type {config.get('peft_type')!r}, "
                                                  "expected 'LORA'")

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._io import atomic_dir, check_output, copy_file, dtype_code, sha256_file
+from ._io import atomic_dir, check_apart, check_output, copy_file, dtype_code, sha256_file
 from .card import CARD_FILE, README_FILE, VectorCard, verify_files
 from .errors import DownloadIntegrityError, IntegrityError, InvalidOptionError, RegistryError, VectorFormatError
 
@@ -211,6 +211,11 @@ class Registry(ABC):
     def fetch(self, repo_id: str, commit: str, names: list[str], progress: bool) -> Path:
         """A local folder holding ``names`` as of ``commit`` (a cache or the registry's own snapshot)."""
 
+    def owned_paths(self) -> list[Path]:
+        """Folders the registry keeps (a registry folder, a cache): no command's output may be, contain or lie
+        inside one of them."""
+        return []
+
     def discard(self, folder: Path, names: list[str]) -> None:  # noqa: B027 (most registries keep no cache)
         """Forget damaged copies of ``names`` in ``folder`` (a cache), so that the next pull fetches them again."""
 
@@ -258,6 +263,8 @@ def push(
     verify_files(folder, card)
     uploads = vector_uploads(folder, card, repo_id)
     reg = open_registry(registry)
+    for kept in reg.owned_paths():  # the registry is this command's output
+        check_apart(kept, [folder], what="registry")
     text = message or f"rvhub push: {card.format} vector, {len(card.tensors)} tensors"
     return reg.publish(repo_id, uploads, private=private, branch=branch, message=text, progress=progress)
 
@@ -285,9 +292,9 @@ def pull(
     its path is returned; with ``out`` it is copied there atomically (verified again after copying).
     """
     vref = VectorRef.parse(ref)
-    if out is not None:
-        check_output(Path(out), overwrite)
     reg = open_registry(registry)
+    if out is not None:
+        check_output(Path(out), overwrite, reg.owned_paths())
     card_dir, commit = reg.fetch_card(vref)
     card = VectorCard.read(card_dir)
     names = [CARD_FILE, *(e.path for e in card.files if e.path != CARD_FILE)]
@@ -332,11 +339,12 @@ def pull_apply(
     """
     from .apply import apply, resolve_device
 
-    check_output(Path(out), overwrite)
+    reg = open_registry(registry)
+    check_output(Path(out), overwrite, [*reg.owned_paths(), *([Path(base)] if Path(base).exists() else [])])
     resolve_device(device)
     if dtype is not None:
         dtype_code(dtype)
-    pulled = pull(ref, registry=registry, progress=progress)
+    pulled = pull(ref, registry=reg, progress=progress)
     applied = apply(
         pulled.path, base, out, scale=scale, dtype=dtype, device=device, overwrite=overwrite,
         allow_vocab_mismatch=allow_vocab_mismatch, max_shard_size=max_shard_size, progress=progress,

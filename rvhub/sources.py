@@ -7,7 +7,6 @@ only, never in pure steps.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import re
@@ -293,10 +292,9 @@ def _weight_files(root: Path, ref: str) -> list[Path]:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise CorruptFileError(str(path), f"invalid JSON: {e}") from e
+    from ._untrusted import read_json
+
+    data = read_json(path, error=lambda reason: CorruptFileError(str(path), f"invalid JSON: {reason}"))
     if not isinstance(data, dict):
         raise CorruptFileError(str(path), "expected a JSON object")
     return data

@@ -177,7 +177,7 @@ def _sketch(draw) -> SketchTensor:
 @st.composite
 def _fingerprints(draw) -> Fingerprints:
     model_type = draw(st.none() | _name)
-    tensors = draw(st.lists(st.builds(TensorShape, name=_name, shape=_shape), max_size=3))
+    tensors = draw(st.lists(st.builds(TensorShape, name=_name, shape=_shape), max_size=3, unique_by=lambda t: t.name))
     values = draw(st.dictionaries(_text, _json, max_size=4))
     tok = draw(st.none() | st.builds(
         TokenizerFingerprint, source=st.sampled_from(["tokenizer.json", "tokenizer.model"]),
@@ -280,7 +280,7 @@ def test_malformed_card_names_the_field(vector, tmp_path, edit, field, says):
 
 
 def test_readme_without_an_embedded_card():
-    with pytest.raises(VectorFormatError, match="expected one embedded rvhub card"):
+    with pytest.raises(VectorFormatError, match="expected an embedded rvhub card"):
         VectorCard.from_readme("# just a README\n")
 
 
