@@ -44,6 +44,8 @@ class Hostile:
 
     def handle(self, h: Any, method: str, step: str, parts: list[str]) -> int | None:
         """Answer the request in a hostile way, or return None to let the honest server answer it."""
+        if method in ("POST", "PUT") and (step in self.fail or step in self.bad_json):
+            h._body()  # read it: the connection is kept alive, and its next request starts after this body
         if step in self.fail and (step not in ("head", "get", "range") or self._targets(parts)):
             status, headers = self.fail[step]
             message = f"hostile answer to {step}"

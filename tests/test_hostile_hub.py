@@ -201,6 +201,7 @@ def test_each_status_at_each_push_step_has_its_own_message(request, hub, hub_env
     names = {"preupload": "preupload", "lfs_put": "an upload", "commit": "commit", "tree": "the file listing"}
     if status >= 500:
         assert f"on {names[step]}" in line
+    if status >= 500 and step != "tree":  # rvhub retries the commit (its preupload and uploads included)
         retries = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
         assert retries and all(f"on {names[step]}" in m for m in retries)
         assert not any("failed on commit" in m for m in retries)
