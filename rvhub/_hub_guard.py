@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -99,7 +100,7 @@ def _on_response(response: Any) -> None:
     def refuse(reason: str, close: bool = True) -> None:
         if close:
             response.close()
-        raise HostileServerError(repo_id, host, reason)
+        raise HostileServerError(repo_id, host, f"sent {reason}")
 
     commit = headers.get("X-Repo-Commit")
     if commit is not None and not SHA1.fullmatch(commit):
@@ -180,11 +181,30 @@ def repo_cache(repo_id: str) -> Path:
     return Path(constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--"))
 
 
+def check_tree_cache(repo_id: str, commit: str | None) -> None:
+    """With xet, huggingface_hub may take a file's blob name from a tree listing it cached on disk (by a
+    ``snapshot_download``, of rvhub's or another tool's) instead of a HEAD answer: those names pass the same rule."""
+    if commit is None or not SHA1.fullmatch(commit):
+        return
+    listing = repo_cache(repo_id) / "trees" / f"{commit}.json"
+    if not listing.is_file() and not listing.is_symlink():
+        return
+    try:
+        files = json.loads(listing.read_text(encoding="utf-8"))["files"]
+        bad = [p for p, info in files.items() if info.get("lfs_sha256") is not None
+               and not (isinstance(info["lfs_sha256"], str) and re.fullmatch(r"[0-9a-f]{64}", info["lfs_sha256"]))]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # huggingface_hub ignores it too
+        return
+    if bad or listing.is_symlink():
+        raise HostileServerError(repo_id, "the Hugging Face cache", f"holds a tree listing {listing} with a blob name "
+                                 f"that is not a sha256 (for {ascii(bad[0] if bad else listing.name)[:80]})")
+
+
 def contained(path: Path, root: Path, repo_id: str, what: str) -> Path:
     """``path`` resolved (symlinks followed), which must lie inside ``root``; else :class:`HostileServerError`."""
     real_root = root.resolve()
     real = path.resolve()
     if not real.is_relative_to(real_root):
-        raise HostileServerError(repo_id, "the Hugging Face cache", f"{what} resolving to {real}, outside {real_root} "
-                                          "(refused, not read or removed)")
+        raise HostileServerError(repo_id, "the Hugging Face cache", f"holds {what} resolving to {real}, outside "
+                                          f"{real_root}: not read or removed")
     return real

@@ -133,7 +133,8 @@ class HubRegistry(Registry):
         of the previous vector only (other files in the repo are left alone)."""
         head = api.model_info(repo_id, revision=branch).sha
         if head is None or not guard.SHA1.fullmatch(head):
-            raise HostileServerError(repo_id, self.description, f"a branch head that is not a commit id ({head!r})")
+            raise HostileServerError(repo_id, self.description,
+                                     f"sent a branch head that is not a commit id ({head!r})")
         remote = {f.path: f for f in api.list_repo_tree(repo_id, revision=head, recursive=True)
                   if isinstance(f, RepoFile)}
         ops: list[CommitOperationAdd | CommitOperationDelete] = [
@@ -161,14 +162,14 @@ class HubRegistry(Registry):
                 raise VectorFormatError(str(ref), f"the repo has no {CARD_FILE}: it is not an rvhub vector") from e
         commit = path.parent.name  # the cache's snapshots/<commit>/ folder
         if not guard.SHA1.fullmatch(commit):
-            raise HostileServerError(ref.repo_id, "the Hugging Face cache", f"a snapshot folder {commit!r} that is "
-                                     "not a commit id")
+            raise HostileServerError(ref.repo_id, "the Hugging Face cache",
+                                     f"holds a snapshot folder {commit!r} that is not a commit id")
         return path.parent, commit
 
     def fetch(self, repo_id: str, commit: str, names: list[str], progress: bool) -> Path:
         """Each file, one at a time, capped at the size the card of ``commit`` (already fetched) declares."""
         if not guard.SHA1.fullmatch(commit):
-            raise HostileServerError(repo_id, self.description, f"a commit id {commit!r} that is not a sha1")
+            raise HostileServerError(repo_id, self.description, f"sent a commit id {commit!r} that is not a sha1")
         folder = guard.repo_cache(repo_id) / "snapshots" / commit
         sizes = {e.path: e.size for e in VectorCard.read(folder).files}
         with self._errors(repo_id, commit, "download"), _bars(progress):
@@ -181,6 +182,7 @@ class HubRegistry(Registry):
     def _download(self, repo_id: str, name: str, revision: str | None, limit: int, *, declared: bool) -> Path:
         """``hf_hub_download`` of one file, at most ``limit`` bytes; the path it returns, proven to lie (with
         the blob it links to) inside the repo's cache folder."""
+        guard.check_tree_cache(repo_id, revision)
         with guard.bounded(repo_id, name, limit, declared=declared):
             path = Path(hf_hub_download(repo_id, name, revision=revision, endpoint=self.endpoint, token=self._token))
         guard.contained(path, guard.repo_cache(repo_id), repo_id, f"the cached {name}")
@@ -226,7 +228,7 @@ class HubRegistry(Registry):
             if isinstance(cause, HfHubHTTPError):
                 raise self._status_error(cause, repo_id, action) from e
             if isinstance(cause, FileMetadataError):
-                raise HostileServerError(repo_id, self.description, "a file answer without the X-Repo-Commit or "
+                raise HostileServerError(repo_id, self.description, "sent a file answer without the X-Repo-Commit or "
                                          "ETag header (not a Hub-compatible server?)") from e
             why = ("HF_HUB_OFFLINE=1 is set" if constants.HF_HUB_OFFLINE
                    else f"{self.description} could not be reached")
@@ -246,13 +248,13 @@ class HubRegistry(Registry):
                 raise RegistryUnavailableError(repo_id, action, f"connection to {self.description} failed "
                                                f"({type(cause).__name__}); nothing was written") from e
             if isinstance(e, OSError) and "Consistency check failed" in str(e):
-                raise HostileServerError(repo_id, self.description, "a file of another size than it declared "
+                raise HostileServerError(repo_id, self.description, "sent a file of another size than it declared "
                                          "(the download was dropped)") from e
             if isinstance(e, OSError):
                 raise RegistryError(repo_id, f"{action} {repo_id}: cannot write to the Hugging Face cache: "
                                              f"{e.strerror or e}") from e
             if isinstance(e, (ValueError, TypeError, KeyError, AttributeError, IndexError, RuntimeError)):
-                raise HostileServerError(repo_id, self.description, "an answer rvhub cannot read "
+                raise HostileServerError(repo_id, self.description, "sent an answer rvhub cannot read "
                                          f"({type(e).__name__}: {self._scrub(_first_line(e))})") from e
             raise
 

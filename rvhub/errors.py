@@ -235,7 +235,7 @@ class HostileServerError(RegistryError):
     def __init__(self, repo_id: str, where: str, reason: str) -> None:
         self.where = where
         self.reason = reason
-        super().__init__(repo_id, f"{where} sent {reason} for {repo_id}; refused, nothing was written with it")
+        super().__init__(repo_id, f"{where} {reason} (repo {repo_id}); refused, nothing was written with it")
 
 
 class RateLimitedError(RegistryUnavailableError):

@@ -397,6 +397,7 @@ def _hub_files(repo_id: str, commit: str, declared: dict[str, int | None], weigh
         limit = size if size is not None else (1 << 60 if name in weights else guard.MAX_SIDE_FILE_BYTES)
         if name not in weights:
             limit = min(limit, guard.MAX_SIDE_FILE_BYTES)
+        guard.check_tree_cache(repo_id, commit)
         with guard.bounded(repo_id, name, limit, declared=size is not None):
             path = Path(hf_hub_download(repo_id, name, revision=commit))
         guard.contained(path, root, repo_id, f"the cached {name}")

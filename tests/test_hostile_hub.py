@@ -8,6 +8,7 @@ clear line on stderr, exit code 1, no traceback.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -99,6 +100,18 @@ def test_a_path_like_commit_is_refused_on_files_and_on_not_found_answers(request
     # huggingface_hub records a missing file under .no_exist/<X-Repo-Commit>/: that header is checked too
     hub.hostile = Hostile(fail={"head": (404, {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": evil})})
     one_error(invoke("info", repo), "X-Repo-Commit")
+    assert_victim_intact(victim)
+
+
+def test_a_cached_tree_listing_with_a_path_like_blob_name_is_refused(request, hub, hub_env, vector, victim):
+    """With xet, huggingface_hub can take blob names from a tree listing cached by an earlier snapshot_download."""
+    repo = published(request, vector, hub_env)
+    commit = hub.history(repo)[0]
+    listing = repo_cache(repo) / "trees" / f"{commit}.json"
+    listing.parent.mkdir(parents=True)
+    evil = {"size": 8, "blob_id": "0" * 40, "lfs_sha256": traversal(repo, victim).strip('"'), "lfs_size": 8}
+    listing.write_text(json.dumps({"format_version": 1, "files": {VECTOR_FILE: evil}}))
+    one_error(invoke("pull", f"{repo}@{commit}", "--quiet"), "tree listing", "not a sha256")
     assert_victim_intact(victim)
 
 
@@ -231,8 +244,6 @@ def test_one_bad_id_from_the_server_does_not_end_search_base(request, hub, hub_e
     hub.hostile = Hostile(extra_ids=["evil/new\nline", "evil/n\u00e4me", "evil/../x"])
     result = invoke("search", "--base", trio("qwen2_plain").target, "--json")
     assert result.exit_code == 0, result.stderr
-    import json
-
     found = json.loads(result.stdout)
     assert repo in [h["repo_id"] for h in found["hits"]]
     bad = [h["repo_id"] for h in found["rejected"] if h["repo_id"].startswith("evil/")]
