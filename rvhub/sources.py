@@ -376,7 +376,7 @@ def _status_error(ref: str, response: Any, step: str) -> RvhubError:
     if status == 403:
         return HubModelError(ref, f"{step}: access denied (403); the token may not read this repo")
     if status == 404:
-        return ModelNotFoundError(ref, f"{step}: not found on the Hub (404), or not accessible with your token")
+        return ModelNotFoundError(ref, f"{step}: the Hub answered 404 (not found), or the token may not read it")
     if status == 429:
         wait = response.headers.get("Retry-After", "")
         after = f"try again in {wait.strip()} s" if re.fullmatch(r"\s*\d{1,7}\s*", wait) else "wait and try again"

@@ -6,8 +6,9 @@ Set ``hub.hostile = Hostile(...)``; the ``hub_env`` fixture resets it. Steps are
 
 - ``etag``/``commit``: the ETag (and X-Linked-Etag) or X-Repo-Commit header sent for ``target`` (or every file);
 - ``content_length``: the Content-Length declared for ``target`` (the real body is sent, then the connection
-  closed); ``endless``: ``target``'s GET body never ends (chunked; the fixture stops at ``ENDLESS_CAP`` bytes
-  or when the client goes away); ``drop_range``: a Range GET of ``target`` is cut after half its bytes;
+  closed); ``get_length``: the same on GET only, sending only that many bytes (HEAD stays honest);
+  ``endless``: ``target``'s GET body never ends (chunked; the fixture stops at ``ENDLESS_CAP`` bytes or when the
+  client goes away); ``drop_range``: a Range GET of ``target`` is cut after half its bytes;
 - ``fail``: step -> (status, extra headers) answered instead; ``bad_json``: steps answered with a body that
   is not JSON; ``null_sha``: model info with ``"sha": null``; ``models_object``: the model list as an object;
   ``extra_ids``: repo ids added to the model list; ``echo_auth``: error bodies echo the Authorization header.
@@ -29,6 +30,7 @@ class Hostile:
     etag: str | None = None
     commit: str | None = None
     content_length: int | None = None
+    get_length: int | None = None
     endless: bool = False
     drop_range: bool = False
     fail: dict[str, tuple[int, dict[str, str]]] = field(default_factory=dict)
@@ -74,6 +76,7 @@ class Hostile:
             return 200
         if step in ("get", "range", "head") and self._targets(parts) and (
             self.endless or self.content_length is not None or (self.drop_range and step == "range")
+            or (self.get_length is not None and step == "get")
         ):
             return self._lie_about_body(h, step, parts)
         return None
@@ -108,6 +111,8 @@ class Hostile:
             h.wfile.flush()
             h.close_connection = True
             return 206
+        if step == "get" and self.get_length is not None:
+            data = data[: self.get_length]
         if step == "head" or not self.endless:  # a lying Content-Length (HEAD: the size it declares)
             declared = self.content_length if self.content_length is not None else len(data)
             h.send_response(200)
