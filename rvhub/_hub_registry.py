@@ -317,6 +317,8 @@ def _step(e: BaseException) -> str:
         path = str(request.url.path) if request is not None else ""
     except RuntimeError:  # a transport error without a request
         path = ""
+    if path.rstrip("/") == "/api/models":
+        return "the model list"
     for fragment, step in (("/preupload/", "preupload"), ("/info/lfs/", "the LFS batch"), ("/commit/", "commit"),
                            ("/tree/", "the file listing"), ("/resolve/", "a file download"),
                            ("/api/models/", "the repo info"), ("/api/repos/", "repo creation")):

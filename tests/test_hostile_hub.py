@@ -241,6 +241,13 @@ def test_each_status_at_each_push_step_has_its_own_message(request, hub, hub_env
         assert not any("failed on commit" in m for m in retries)
 
 
+@pytest.mark.parametrize("status", sorted(STATUS_FRAGMENTS))
+def test_each_status_on_the_model_list_has_its_own_message(hub, hub_env, status):
+    hub.hostile = Hostile(fail={"list_models": (status, {"Retry-After": "7"})})
+    line = one_error(invoke("search"), STATUS_FRAGMENTS[status])
+    assert status in (401, 403, 429) or "on the model list" in line
+
+
 @pytest.mark.parametrize("step", ["model_info", "tree", "list_models"])
 def test_bad_json_is_one_line(request, hub, hub_env, vector, step):
     repo = published(request, vector, hub_env)
