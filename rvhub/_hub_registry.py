@@ -3,13 +3,15 @@
 The endpoint is HF_ENDPOINT (huggingface_hub's ``constants.ENDPOINT``) unless given; the token is whatever
 huggingface_hub resolves (HF_TOKEN, then the ``hf auth login`` store) unless given. The token is never
 printed or logged: error messages are built here, and any text taken from the server is scrubbed of it.
-Downloads go to the Hugging Face cache, so HF_HUB_OFFLINE=1 works from what was pulled before.
+Downloads go to the Hugging Face cache, so HF_HUB_OFFLINE=1 works from what was pulled before. What the
+server sends is checked before the library acts on it, and every cached path is proven to lie inside the
+repo's cache folder before it is read or removed (see ``_hub_guard``); each file is capped at the size its
+card declares.
 """
 
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import logging
 import time
@@ -25,10 +27,10 @@ from huggingface_hub import (
     constants,
     get_token,
     hf_hub_download,
-    snapshot_download,
 )
 from huggingface_hub.errors import (
     EntryNotFoundError,
+    FileMetadataError,
     GatedRepoError,
     HfHubHTTPError,
     LocalEntryNotFoundError,
@@ -40,13 +42,18 @@ from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils.sha import git_hash
 from huggingface_hub.utils.tqdm import disable_progress_bars
 
-from .card import CARD_FILE
+from . import _hub_guard as guard
+from ._secrets import scrub
+from .card import CARD_FILE, VectorCard
 from .errors import (
     AuthError,
+    HostileServerError,
+    RateLimitedError,
     RegistryError,
     RegistryUnavailableError,
     RepoNotFoundError,
     RevisionNotFoundError,
+    RvhubError,
     VectorFormatError,
 )
 from .registry import VECTOR_TAG, PushResult, Registry, Upload, VectorRef
@@ -87,6 +94,7 @@ class HubRegistry(Registry):
             raise AuthError(repo_id, "pushing needs a Hugging Face token with write access: set HF_TOKEN or run "
                                      "`hf auth login`")
         api = self._api()
+        guard.install()
         with self._errors(repo_id, branch, "push to"), _bars(progress):
             api.create_repo(repo_id, private=private, exist_ok=True)
             if branch != "main":
@@ -100,12 +108,15 @@ class HubRegistry(Registry):
                 try:
                     info = api.create_commit(repo_id, ops, commit_message=message, revision=branch,
                                              parent_commit=head)
-                except (HfHubHTTPError, httpx2.TransportError) as e:
-                    status = e.response.status_code if isinstance(e, HfHubHTTPError) else None
+                except (HfHubHTTPError, httpx2.TransportError, RuntimeError) as e:
+                    cause = _http_cause(e)
+                    if cause is None:
+                        raise
+                    status = cause.response.status_code if isinstance(cause, HfHubHTTPError) else None
                     if attempt == COMMIT_ATTEMPTS or (status is not None and status < 500):
                         raise
-                    logger.warning("the Hub failed on commit (%s); retrying (%d/%d)",
-                                   status or type(e).__name__, attempt + 1, COMMIT_ATTEMPTS)
+                    logger.warning("%s answered %s on %s; retrying the push (%d/%d)", self.description,
+                                   status or type(cause).__name__, _step(cause), attempt + 1, COMMIT_ATTEMPTS)
                     time.sleep(RETRY_WAIT_S * attempt)
                     continue
                 return PushResult(
@@ -121,7 +132,9 @@ class HubRegistry(Registry):
         """The branch head and the operations that turn it into ``uploads``: changed files and stale files
         of the previous vector only (other files in the repo are left alone)."""
         head = api.model_info(repo_id, revision=branch).sha
-        assert head is not None
+        if head is None or not guard.SHA1.fullmatch(head):
+            raise HostileServerError(repo_id, self.description,
+                                     f"sent a branch head that is not a commit id ({head!r})")
         remote = {f.path: f for f in api.list_repo_tree(repo_id, revision=head, recursive=True)
                   if isinstance(f, RepoFile)}
         ops: list[CommitOperationAdd | CommitOperationDelete] = [
@@ -131,7 +144,7 @@ class HubRegistry(Registry):
         ]
         names = {u.name for u in uploads}
         if CARD_FILE in remote and any(o.path_in_repo == CARD_FILE for o in ops):
-            old = Path(hf_hub_download(repo_id, CARD_FILE, revision=head, endpoint=self.endpoint, token=self._token))
+            old = self._download(repo_id, CARD_FILE, head, guard.MAX_CARD_BYTES, declared=False)
             for name in _card_files(old.read_bytes()):
                 if name not in names and name in remote:
                     ops.append(CommitOperationDelete(path_in_repo=name))
@@ -142,73 +155,185 @@ class HubRegistry(Registry):
     def fetch_card(self, ref: VectorRef) -> tuple[Path, str]:
         with self._errors(ref.repo_id, ref.revision, "read"):
             try:
-                path = Path(hf_hub_download(ref.repo_id, CARD_FILE, revision=ref.revision, endpoint=self.endpoint,
-                                            token=self._token))
+                path = self._download(ref.repo_id, CARD_FILE, ref.revision, guard.MAX_CARD_BYTES, declared=False)
             except EntryNotFoundError as e:
                 if isinstance(e, LocalEntryNotFoundError):
                     raise
                 raise VectorFormatError(str(ref), f"the repo has no {CARD_FILE}: it is not an rvhub vector") from e
-        return path.parent, path.parent.name  # the cache's snapshots/<commit>/ folder
+        commit = path.parent.name  # the cache's snapshots/<commit>/ folder
+        if not guard.SHA1.fullmatch(commit):
+            raise HostileServerError(ref.repo_id, "the Hugging Face cache",
+                                     f"holds a snapshot folder {commit!r} that is not a commit id")
+        return path.parent, commit
 
     def fetch(self, repo_id: str, commit: str, names: list[str], progress: bool) -> Path:
+        """Each file, one at a time, capped at the size the card of ``commit`` (already fetched) declares."""
+        if not guard.SHA1.fullmatch(commit):
+            raise HostileServerError(repo_id, self.description, f"sent a commit id {commit!r} that is not a sha1")
+        folder = guard.repo_cache(repo_id) / "snapshots" / commit
+        sizes = {e.path: e.size for e in VectorCard.read(folder).files}
         with self._errors(repo_id, commit, "download"), _bars(progress):
-            folder = snapshot_download(repo_id, revision=commit, allow_patterns=[glob.escape(n) for n in names],
-                                       endpoint=self.endpoint, token=self._token)
-        return Path(folder)
+            for name in names:
+                limit = sizes.get(name)
+                self._download(repo_id, name, commit, guard.MAX_CARD_BYTES if limit is None else limit,
+                               declared=limit is not None)
+        return folder
+
+    def _download(self, repo_id: str, name: str, revision: str | None, limit: int, *, declared: bool) -> Path:
+        """``hf_hub_download`` of one file, at most ``limit`` bytes; the path it returns, proven to lie (with
+        the blob it links to) inside the repo's cache folder."""
+        guard.check_tree_cache(repo_id, revision)
+        with guard.bounded(repo_id, name, limit, declared=declared):
+            path = Path(hf_hub_download(repo_id, name, revision=revision, endpoint=self.endpoint, token=self._token))
+        guard.contained(path, guard.repo_cache(repo_id), repo_id, f"the cached {name}")
+        return path
 
     def discard(self, folder: Path, names: list[str]) -> None:
+        root = folder.parent.parent  # <cache>/models--org--name/, from <root>/snapshots/<commit>/
+        repo_id = root.name.removeprefix("models--").replace("--", "/")
         for name in names:
             link = folder / name
             if link.is_symlink():  # the cache links snapshots/<commit>/<name> to blobs/<etag>
-                link.resolve().unlink(missing_ok=True)
+                guard.contained(link.parent, root, repo_id, f"the folder of the cached {name}")
+                blob = guard.contained(link, root / "blobs", repo_id, f"the cached {name}")
+                blob.unlink(missing_ok=True)
             link.unlink(missing_ok=True)
 
     def list_repos(self, query: str | None, limit: int) -> list[tuple[str, str | None]]:
-        with self._errors("(search)", None, "search"):
+        with self._errors("(search)", None, "search"), guard.bounded("(search)", "the model list", guard.MAX_API_BYTES):
             models = self._api().list_models(filter=VECTOR_TAG, search=query or None, limit=limit)
-            return [(m.id, m.sha) for m in models]
+            return [(str(m.id), m.sha if isinstance(m.sha, str) else None) for m in models]
 
     # -------------------------------------------------------------- errors
 
     @contextlib.contextmanager
     def _errors(self, repo_id: str, revision: str | None, action: str) -> Iterator[None]:
-        """huggingface_hub's exceptions as rvhub errors that say what to do (and never hold the token)."""
+        """huggingface_hub's exceptions as rvhub errors that say what to do (and never hold the token).
+
+        Each HTTP status has its own message; an answer the library could not use (bad JSON, a wrong shape, a
+        body of another size than declared) is a :class:`HostileServerError`, never a traceback."""
+        guard.install()
         try:
-            yield
+            with guard.bounded(repo_id, "an answer", guard.MAX_API_BYTES) if guard.current() is None \
+                    else contextlib.nullcontext():
+                yield
+        except RvhubError:
+            raise
         except HfRevisionNotFoundError as e:
             raise RevisionNotFoundError(repo_id, revision or "main") from e
-        except (RepositoryNotFoundError, GatedRepoError) as e:
-            raise RepoNotFoundError(repo_id, self.description) from e
-        except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
-            why = ("HF_HUB_OFFLINE=1 is set" if constants.HF_HUB_OFFLINE else "the Hub could not be reached")
+        except LocalEntryNotFoundError as e:
+            cause = _http_cause(e)
+            if isinstance(cause, HostileServerError):
+                raise cause from e
+            if isinstance(cause, HfHubHTTPError):
+                raise self._status_error(cause, repo_id, action) from e
+            if isinstance(cause, FileMetadataError):
+                raise HostileServerError(repo_id, self.description, "sent a file answer without the X-Repo-Commit or "
+                                         "ETag header (not a Hub-compatible server?)") from e
+            why = ("HF_HUB_OFFLINE=1 is set" if constants.HF_HUB_OFFLINE
+                   else f"{self.description} could not be reached")
             raise RegistryUnavailableError(
                 repo_id, action, f"not in the local Hugging Face cache and {why}"
             ) from e
-        except HfHubHTTPError as e:
-            status = e.response.status_code
-            if status == 401:
-                raise AuthError(repo_id, f"{self.description} refused the token (from HF_TOKEN or `hf auth login`); "
-                                         "check that it is valid") from e
-            if status == 403:
-                raise AuthError(repo_id, f"the token may not {action} this repo on {self.description}") from e
-            if status >= 500:
-                raise RegistryUnavailableError(repo_id, action, f"{self.description} answered {status}; "
-                                               "nothing was changed, try again later") from e
-            raise RegistryError(repo_id, f"{action} {repo_id}: {self.description} answered {status}: "
-                                         f"{self._scrub(_server_message(e))}") from e
-        except httpx2.TransportError as e:
-            raise RegistryUnavailableError(repo_id, action, f"connection to {self.description} failed "
-                                           f"({type(e).__name__}); nothing was written") from e
+        except OfflineModeIsEnabled as e:
+            raise RegistryUnavailableError(repo_id, action, "not in the local Hugging Face cache and "
+                                           "HF_HUB_OFFLINE=1 is set") from e
+        except Exception as e:
+            cause = _http_cause(e)
+            if isinstance(cause, RvhubError):
+                raise cause from e
+            if isinstance(cause, HfHubHTTPError):
+                raise self._status_error(cause, repo_id, action) from e
+            if isinstance(cause, httpx2.TransportError):
+                raise RegistryUnavailableError(repo_id, action, f"connection to {self.description} failed "
+                                               f"({type(cause).__name__}); nothing was written") from e
+            if isinstance(e, OSError) and "Consistency check failed" in str(e):
+                raise HostileServerError(repo_id, self.description, "sent a file of another size than it declared "
+                                         "(the download was dropped)") from e
+            if isinstance(e, OSError):
+                raise RegistryError(repo_id, f"{action} {repo_id}: cannot write to the Hugging Face cache: "
+                                             f"{e.strerror or e}") from e
+            if isinstance(e, (ValueError, TypeError, KeyError, AttributeError, IndexError, RuntimeError)):
+                raise HostileServerError(repo_id, self.description, "sent an answer rvhub cannot read "
+                                         f"({type(e).__name__}: {self._scrub(_first_line(e))})") from e
+            raise
+
+    def _status_error(self, e: HfHubHTTPError, repo_id: str, action: str) -> RegistryError:
+        """One message per HTTP status: denied (401/403), not found (404), rate-limited (429), server error."""
+        status = e.response.status_code
+        step = _step(e)
+        has_token = bool(self._token or get_token())
+        if isinstance(e, (RepositoryNotFoundError, GatedRepoError)) and (status == 404 or not has_token):
+            return RepoNotFoundError(repo_id, self.description)
+        if status == 401:
+            if has_token:
+                return AuthError(repo_id, f"{self.description} refused the token on {step} (from HF_TOKEN or "
+                                          "`hf auth login`); check that it is valid")
+            return AuthError(repo_id, f"{self.description} asks for a token on {step}: set HF_TOKEN or run "
+                                      "`hf auth login`")
+        if status == 403:
+            return AuthError(repo_id, f"{self.description} denied {step}: the token may not {action} this repo")
+        if status == 404:
+            return RegistryError(repo_id, f"{action} {repo_id}: {self.description} answered 404 (not found) on "
+                                          f"{step}: {self._scrub(_server_message(e))}")
+        if status == 429:
+            return RateLimitedError(repo_id, action, self.description, _retry_after(e))
+        if status >= 500:
+            return RegistryUnavailableError(repo_id, action, f"{self.description} answered {status} (server error) "
+                                            f"on {step}; nothing was changed, try again later")
+        return RegistryError(repo_id, f"{action} {repo_id}: {self.description} answered {status} on {step}: "
+                                      f"{self._scrub(_server_message(e))}")
 
     def _scrub(self, text: str) -> str:
-        for token in (self._token, get_token()):
-            if token:
-                text = text.replace(token, "***")
-        return text
-
+        if self._token:
+            text = text.replace(self._token, "***")
+        return scrub(text)
 
 def _server_message(e: HfHubHTTPError) -> str:
-    return (e.server_message or str(e).splitlines()[0]).strip()
+    return ascii((e.server_message or _first_line(e)).strip())[1:-1][:200]
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).splitlines()
+    return ascii(lines[0] if lines else "")[1:-1][:200]
+
+
+def _http_cause(e: BaseException) -> BaseException | None:
+    """The first HTTP status error, transport error or rvhub error in ``e``'s cause chain (``e`` included)."""
+    seen: set[int] = set()
+    current: BaseException | None = e
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (HfHubHTTPError, httpx2.TransportError, RvhubError)):
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _step(e: BaseException) -> str:
+    """Which step of the protocol a failed request was, from its URL."""
+    request = getattr(getattr(e, "response", None), "request", None) or getattr(e, "request", None)
+    try:
+        path = str(request.url.path) if request is not None else ""
+    except RuntimeError:  # a transport error without a request
+        path = ""
+    if path.rstrip("/") == "/api/models":
+        return "the model list"
+    for fragment, step in (("/preupload/", "preupload"), ("/info/lfs/", "the LFS batch"), ("/commit/", "commit"),
+                           ("/tree/", "the file listing"), ("/resolve/", "a file download"),
+                           ("/api/models/", "the repo info"), ("/api/repos/", "repo creation")):
+        if fragment in path:
+            return step
+    return "an upload" if request is not None and request.method == "PUT" else "a request"
+
+
+def _retry_after(e: HfHubHTTPError) -> float | None:
+    value = e.response.headers.get("Retry-After", "")
+    try:
+        wait = float(value)
+    except ValueError:
+        return None
+    return wait if 0 <= wait < 1e7 else None
 
 
 def _same(upload: Upload, remote: RepoFile | None) -> bool:

@@ -8,7 +8,6 @@ import logging
 import os
 import signal
 import sys
-import traceback
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
@@ -18,6 +17,7 @@ import typer
 
 from . import __version__
 from ._io import Interrupted, request_stop
+from ._secrets import format_exception, scrub, scrub_logging
 from ._untrusted import printable
 from .errors import RvhubError
 
@@ -84,6 +84,7 @@ def _run(
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_PrintableFormatter("warning: %(message)s"))
     logging.basicConfig(level=logging.WARNING, handlers=[handler])
+    scrub_logging()  # a token a server echoes back never reaches stderr, tracebacks included
     debug = debug or os.environ.get("RVHUB_DEBUG", "") not in ("", "0")
     # Ctrl-C and SIGTERM stop the work at the next chunk (an exception raised inside a library call could
     # come out as another error); the temporary output is then removed and OUT left as it was
@@ -93,12 +94,15 @@ def _run(
         result = call()
     except RvhubError as e:
         if debug:
-            traceback.print_exc()
-        typer.echo(printable(f"error: {e}"), err=True)
+            sys.stderr.write(format_exception(e))
+        typer.echo(printable(scrub(f"error: {e}")), err=True)
         raise typer.Exit(1) from None
     except (Interrupted, KeyboardInterrupt) as e:
         typer.echo("interrupted; nothing was written", err=True)
         raise typer.Exit(128 + (e.signum if isinstance(e, Interrupted) else signal.SIGINT)) from None
+    except Exception as e:  # a bug: its traceback is shown as Python would, but scrubbed
+        sys.stderr.write(format_exception(e))
+        raise typer.Exit(1) from None
     if json_out:
         typer.echo(json.dumps(_to_dict(result), indent=2))
     else:
@@ -491,7 +495,7 @@ def search(
             commit = f"@{h.commit[:12]}" if h.commit else ""
             lines.append(f"  {h.repo_id}{commit}" + (f"  fits: {h.fit.reason}" if h.fit else ""))
         if r.rejected:
-            lines.append(f"{len(r.rejected)} more do not fit {r.base}:")
+            lines.append(f"{len(r.rejected)} more do not fit {r.base}:" if r.base else f"{len(r.rejected)} skipped:")
             lines += [f"  {h.repo_id}: {h.fit.reason}" for h in r.rejected]
         return "\n".join(lines)
 

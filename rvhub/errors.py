@@ -243,3 +243,33 @@ class RegistryDamagedError(RegistryError):
     def __init__(self, repo_id: str, where: str, reason: str) -> None:
         self.where = where
         super().__init__(repo_id, f"{where}: {reason}; refused (the registry folder was altered or damaged)")
+
+
+class HostileServerError(RegistryError):
+    """A server (or the cache it filled) sent something rvhub refuses to act on: a path-like ETag or commit,
+    more bytes than declared, an answer that is not what the Hub API sends. Nothing was written outside
+    rvhub's cache folders because of it."""
+
+    def __init__(self, repo_id: str, where: str, reason: str) -> None:
+        self.where = where
+        self.reason = reason
+        super().__init__(repo_id, f"{where} {reason} (repo {repo_id}); refused, nothing was written with it")
+
+
+class RateLimitedError(RegistryUnavailableError):
+    """The registry answered 429 (too many requests); ``retry_after`` is its wait in seconds, when it gave one."""
+
+    def __init__(self, repo_id: str, action: str, where: str, retry_after: float | None) -> None:
+        self.retry_after = retry_after
+        wait = f"try again in {retry_after:g} s" if retry_after is not None else "wait a while and try again"
+        super().__init__(repo_id, action, f"{where} is rate-limiting requests (429); {wait}, nothing was changed")
+
+
+class HubModelError(RvhubError):
+    """A model on the Hub could not be read: access denied, rate-limited, a server error, a dropped connection,
+    or an answer rvhub refuses (``reason`` says which)."""
+
+    def __init__(self, ref: str, reason: str) -> None:
+        self.ref = ref
+        self.reason = reason
+        super().__init__(f"model {ref!r} on the Hub: {reason}")

@@ -34,9 +34,10 @@ logger = logging.getLogger(__name__)
 
 VECTOR_TAG = "reasoning-vector"
 REGISTRY_ENV = "RVHUB_REGISTRY"
-_NAME = r"[A-Za-z0-9_](?:[\w\-.]{0,94}[A-Za-z0-9_])?"  # the Hub's rule: no leading/trailing '-' or '.'
-_REPO_ID = re.compile(rf"^{_NAME}/{_NAME}$")
-_REVISION = re.compile(r"^[\w\-.]+(/[\w\-.]+)*$")
+# ASCII only, matched in full (a '$' would let a trailing newline through, '\w' would take any letter)
+_NAME = r"[A-Za-z0-9_](?:[A-Za-z0-9_\-.]{0,94}[A-Za-z0-9_])?"  # the Hub's rule: no leading/trailing '-' or '.'
+_REPO_ID = re.compile(rf"{_NAME}/{_NAME}")
+_REVISION = re.compile(r"[A-Za-z0-9_\-.]{1,255}(/[A-Za-z0-9_\-.]{1,255}){0,15}")
 
 
 # ------------------------------------------------------------------ references and results
@@ -62,14 +63,14 @@ class VectorRef:
 
 
 def check_repo_id(repo_id: str) -> None:
-    if not _REPO_ID.match(repo_id) or ".." in repo_id or "--" in repo_id:
+    if not _REPO_ID.fullmatch(repo_id) or ".." in repo_id or "--" in repo_id:
         raise InvalidOptionError(
             "repo id", repo_id, "use org/name: letters, digits, '-', '_', '.', no '--' or '..', at most 96 each"
         )
 
 
 def check_revision(revision: str) -> None:
-    if not _REVISION.match(revision) or any(p in (".", "..") for p in revision.split("/")):
+    if not _REVISION.fullmatch(revision) or any(p in (".", "..") for p in revision.split("/")):
         raise InvalidOptionError("revision", revision, "use a branch name or a commit hash")
 
 
@@ -373,14 +374,14 @@ def search(
     if limit < 1:
         raise InvalidOptionError("--limit", limit, "must be at least 1")
     reg = open_registry(registry)
-    found = [SearchHit(repo_id, commit) for repo_id, commit in reg.list_repos(query, limit)]
+    found, bad = _listed(reg.list_repos(query, limit), reg.description)
     if base is None:
-        return SearchResult(reg.description, query, None, found)
+        return SearchResult(reg.description, query, None, found, bad)
     from .compat import open_target
 
     target = open_target(base)
     hits: list[SearchHit] = []
-    rejected: list[SearchHit] = []
+    rejected: list[SearchHit] = list(bad)
     for hit in found:
         try:
             card_dir, commit = reg.fetch_card(VectorRef(hit.repo_id, hit.commit))
@@ -391,6 +392,25 @@ def search(
         fit = fit_to_base(card, target)
         (hits if fit.fits else rejected).append(replace(hit, commit=commit, card=card, fit=fit))
     return SearchResult(reg.description, query, base, hits, rejected)
+
+
+def _listed(repos: list[tuple[str, str | None]], where: str) -> tuple[list[SearchHit], list[SearchHit]]:
+    """The registry's list split into usable hits and those whose id or commit is not one (shown escaped):
+    one bad entry from a server does not end the search."""
+    good: list[SearchHit] = []
+    bad: list[SearchHit] = []
+    for repo_id, commit in repos:
+        try:
+            check_repo_id(repo_id)
+            if commit is not None and not re.fullmatch(r"[0-9a-f]{40}", commit):
+                raise InvalidOptionError("commit", commit, "a 40-digit hex sha1")
+        except InvalidOptionError as e:
+            shown = ascii(repo_id)[1:-1][:200]
+            bad.append(SearchHit(shown, None, fit=Fit(False, f"{where} listed an invalid {e.option} "
+                                                             f"{ascii(e.value)[:80]}; skipped")))
+            continue
+        good.append(SearchHit(repo_id, commit))
+    return good, bad
 
 
 # ------------------------------------------------------------------ fit and description

@@ -20,9 +20,10 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from . import _hub_guard as guard
 from ._io import FLOAT_CODES, ST_TO_TORCH, check_stop, nbytes, sha256_file
 from .card import ModelRef
-from .errors import CorruptFileError, ModelNotFoundError, PickleOnlyError
+from .errors import CorruptFileError, HubModelError, ModelNotFoundError, PickleOnlyError, RvhubError
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,8 @@ TIED_PAIRS = (
     ("lm_head.weight", "transformer.wte.weight"),
     ("embed_out.weight", "gpt_neox.embed_in.weight"),
 )
-_REPO_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?$")
+_REPO_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9_.\-]+(@[A-Za-z0-9_.\-/]+)?")  # ASCII, in full
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,255}")
 CHUNK_ELEMS = 1 << 22
 
 
@@ -244,7 +246,7 @@ def open_model(ref: str, *, hash_content: bool = True) -> ModelSource:
         if not path.is_dir():
             raise ModelNotFoundError(ref, "expected a folder with config.json and *.safetensors")
         return _open_folder(path, ModelRef(kind="local", id=ref), hash_content)
-    if not _REPO_RE.match(ref) or ref.startswith((".", "/", "~")):
+    if not _REPO_RE.fullmatch(ref) or ref.startswith((".", "/", "~")):
         raise ModelNotFoundError(ref, "no such folder, and it is not a Hub repo id (org/name[@revision])")
     return _open_hub(ref)
 
@@ -302,54 +304,152 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 @contextmanager
 def _hub_errors(ref: str, revision: str | None) -> Iterator[None]:
-    """huggingface_hub's errors while opening model ``ref``, as one-line rvhub errors naming it."""
+    """huggingface_hub's errors while opening model ``ref``, as one-line rvhub errors naming it: each HTTP
+    status with its own reason, an answer the library could not use as a refusal, never a traceback."""
     from huggingface_hub.errors import (
-        GatedRepoError,
         HfHubHTTPError,
         LocalEntryNotFoundError,
         NotASafetensorsRepoError,
-        RepositoryNotFoundError,
         RevisionNotFoundError,
         SafetensorsParsingError,
     )
 
     try:
         yield
+    except RvhubError:
+        raise
     except RevisionNotFoundError as e:
         raise ModelNotFoundError(ref, f"revision {revision!r} does not exist") from e
-    except (RepositoryNotFoundError, GatedRepoError) as e:
-        raise ModelNotFoundError(ref, "repo not found on the Hub, or not accessible with your token") from e
-    except LocalEntryNotFoundError as e:
-        raise ModelNotFoundError(ref, "not in the local cache and the Hub is unreachable") from e
     except NotASafetensorsRepoError as e:
         raise ModelNotFoundError(ref, "the repo has no *.safetensors weights") from e
     except SafetensorsParsingError as e:
-        raise CorruptFileError(ref, f"safetensors header: {e}") from e
-    except HfHubHTTPError as e:
-        raise ModelNotFoundError(ref, f"Hub error: {e}") from e
+        raise CorruptFileError(ref, f"safetensors header: {_first_line(e)}") from e
+    except Exception as e:
+        cause = _cause(e)
+        if isinstance(cause, RvhubError):
+            raise cause from e
+        if isinstance(cause, HfHubHTTPError):
+            raise _status_error(ref, cause.response, "reading the repo") from e
+        if cause is not None:  # a transport error
+            raise HubModelError(ref, f"the connection to the Hub failed ({type(cause).__name__})") from e
+        if isinstance(e, LocalEntryNotFoundError):
+            raise ModelNotFoundError(ref, "not in the local cache and the Hub is unreachable") from e
+        if isinstance(e, OSError) and "Consistency check failed" in str(e):
+            raise HubModelError(ref, "the server sent a file of another size than it declared") from e
+        if isinstance(e, (ValueError, TypeError, KeyError, AttributeError, IndexError)):
+            raise HubModelError(ref, f"the server sent an answer rvhub cannot read ({type(e).__name__}: "
+                                     f"{_first_line(e)})") from e
+        raise
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).splitlines()
+    return ascii(lines[0] if lines else "")[1:-1][:200]
+
+
+def _cause(e: BaseException) -> BaseException | None:
+    """The first rvhub error, HTTP status error or transport error in ``e``'s cause chain (``e`` included)."""
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError
+
+    seen: set[int] = set()
+    current: BaseException | None = e
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (RvhubError, HfHubHTTPError, httpx2.TransportError)):
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _status_error(ref: str, response: Any, step: str) -> RvhubError:
+    """One reason per HTTP status: denied (401/403), not found (404), rate-limited (429), server error (5xx)."""
+    from huggingface_hub import get_token
+
+    status = int(response.status_code)
+    if status == 401:
+        why = ("the Hub refused the token (from HF_TOKEN or `hf auth login`); check that it is valid, or the repo "
+               "is private" if get_token() else "the Hub asks for a token (the repo may be private or gated)")
+        return HubModelError(ref, f"{step}: {why}")
+    if status == 403:
+        return HubModelError(ref, f"{step}: access denied (403); the token may not read this repo")
+    if status == 404:
+        return ModelNotFoundError(ref, f"{step}: the Hub answered 404 (not found), or the token may not read it")
+    if status == 429:
+        wait = response.headers.get("Retry-After", "")
+        after = f"try again in {wait.strip()} s" if re.fullmatch(r"\s*\d{1,7}\s*", wait) else "wait and try again"
+        return HubModelError(ref, f"{step}: the Hub is rate-limiting requests (429); {after}")
+    if status >= 500:
+        return HubModelError(ref, f"{step}: the Hub answered {status} (server error); try again later")
+    return HubModelError(ref, f"{step}: the Hub answered HTTP {status}")
+
+
+def _hub_files(repo_id: str, commit: str, declared: dict[str, int | None], weights: set[str]) -> Path:
+    """Download ``declared`` (name -> size the listing declares) one at a time into the Hugging Face cache, each
+    capped at its declared size (side files also at :data:`_hub_guard.MAX_SIDE_FILE_BYTES`); the snapshot
+    folder, every file proven to lie inside the repo's cache folder."""
+    from huggingface_hub import hf_hub_download
+
+    root = guard.repo_cache(repo_id)
+    for name, size in declared.items():
+        limit = size if size is not None else (1 << 60 if name in weights else guard.MAX_SIDE_FILE_BYTES)
+        if name not in weights:
+            limit = min(limit, guard.MAX_SIDE_FILE_BYTES)
+        guard.check_tree_cache(repo_id, commit)
+        with guard.bounded(repo_id, name, limit, declared=size is not None):
+            path = Path(hf_hub_download(repo_id, name, revision=commit))
+        guard.contained(path, root, repo_id, f"the cached {name}")
+    return root / "snapshots" / commit
+
+
+def _listing(repo_id: str, revision: str | None, ref: str, files_metadata: bool) -> tuple[str, dict[str, int | None]]:
+    """The commit ``revision`` resolves to and the repo's top-level files there (name -> declared size)."""
+    from huggingface_hub import HfApi
+
+    with guard.bounded(repo_id, "the repo info", guard.MAX_API_BYTES):
+        info = HfApi().model_info(repo_id, revision=revision, files_metadata=files_metadata)
+    if not isinstance(info.sha, str) or not guard.SHA1.fullmatch(info.sha):
+        raise HubModelError(ref, f"the Hub sent a commit id that is not a 40-digit hex sha1 ({ascii(info.sha)[:60]})")
+    files: dict[str, int | None] = {}
+    for sibling in info.siblings or []:
+        name = sibling.rfilename
+        if not isinstance(name, str) or not _PLAIN_NAME.fullmatch(name) or name in (".", ".."):
+            continue  # files in sub-folders (or odd names) are never read
+        size = sibling.size
+        files[name] = size if isinstance(size, int) and size >= 0 else None
+    return info.sha, files
+
+
+def _check_cached(root: Path, repo_id: str) -> None:
+    """Every file of a cached snapshot (offline) lies inside the repo's cache folder."""
+    for path in root.iterdir():
+        guard.contained(path, guard.repo_cache(repo_id), repo_id, f"the cached {path.name}")
 
 
 def _open_hub(ref: str) -> ModelSource:
-    from huggingface_hub import HfApi, constants, snapshot_download
+    from huggingface_hub import constants, snapshot_download
 
     repo_id, _, revision = ref.partition("@")
     rev = revision or None
     with _hub_errors(ref, revision):
-        if not constants.HF_HUB_OFFLINE:  # offline, the cache alone answers (snapshot_download below)
-            files = HfApi().list_repo_files(repo_id, revision=rev)
+        guard.install()
+        if constants.HF_HUB_OFFLINE:  # the cache alone answers
+            root = Path(snapshot_download(
+                repo_id, revision=rev, allow_patterns=["*.safetensors", "*.safetensors.index.json", *SIDE_FILES],
+            ))
+            _check_cached(root, repo_id)
+        else:
+            commit, files = _listing(repo_id, rev, ref, files_metadata=True)
             if not any(f.endswith(".safetensors") for f in files):
                 pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
                 if pickles:
                     raise PickleOnlyError(ref, pickles)
                 raise ModelNotFoundError(ref, "the repo has no *.safetensors weights")
-        local = snapshot_download(
-            repo_id,
-            revision=rev,
-            allow_patterns=["*.safetensors", "*.safetensors.index.json", *SIDE_FILES],
-        )
-    root = Path(local)
-    commit = root.name if re.fullmatch(r"[0-9a-f]{40}", root.name) else None
-    return _open_folder(root, ModelRef(kind="hub", id=repo_id, revision=rev, commit=commit), False)
+            weights = {f for f in files if f.endswith((".safetensors", ".safetensors.index.json"))}
+            wanted = {f: size for f, size in files.items() if f in weights or f in SIDE_FILES}
+            root = _hub_files(repo_id, commit, wanted, weights)
+    commit_name = root.name if re.fullmatch(r"[0-9a-f]{40}", root.name) else None
+    return _open_folder(root, ModelRef(kind="hub", id=repo_id, revision=rev, commit=commit_name), False)
 
 
 @dataclass
@@ -380,6 +480,7 @@ class RemoteModel(ModelSource):
         info = self.tensors[name]
         filename = str(info.file)
         url = hf_hub_url(self.repo_id, filename, revision=self.commit)
+        guard.install()
         if filename not in self._offsets:
             head = _range_get(get_session(), url, build_hf_headers(), 0, 8, self.repo_id)
             self._offsets[filename] = 8 + int.from_bytes(head, "little")
@@ -393,17 +494,35 @@ def _itemsize(code: str) -> int:
 
 
 def _range_get(session: Any, url: str, headers: dict[str, str], begin: int, size: int, ref: str) -> bytes:
+    """Bytes [begin, begin + size) of ``url``, streamed: never more than ``size`` bytes are read, whatever the
+    server declares or sends."""
+    import httpx2
+
     if size == 0:
         return b""
-    response = session.get(url, headers={**headers, "Range": f"bytes={begin}-{begin + size - 1}"}, timeout=30)
-    if response.status_code not in (200, 206):
-        raise ModelNotFoundError(ref, f"reading bytes {begin}-{begin + size - 1} of {url}: HTTP {response.status_code}")
-    content = bytes(response.content)
-    if response.status_code == 200:  # a server that ignores Range sends everything
-        content = content[begin : begin + size]
-    if len(content) != size:
+    span = f"bytes {begin}-{begin + size - 1} of {url.rsplit('/', 1)[-1]}"
+    wanted = {**headers, "Range": f"bytes={begin}-{begin + size - 1}", "Accept-Encoding": "identity"}
+    content = bytearray()
+    try:
+        with session.stream("GET", url, headers=wanted, timeout=30) as response:
+            if response.status_code not in (200, 206):
+                raise _status_error(ref, response, f"reading {span}")
+            if response.status_code == 200 and begin > 0:
+                raise HubModelError(ref, f"reading {span}: the server ignored the Range request (answered 200 "
+                                         "with the whole file); refused rather than downloading it")
+            if response.headers.get("Content-Encoding", "identity").strip().lower() not in ("", "identity"):
+                raise HubModelError(ref, f"reading {span}: the server compressed the answer although rvhub asked "
+                                         "for identity")
+            for chunk in response.iter_raw():
+                content += chunk
+                if len(content) >= size:
+                    break
+    except httpx2.TransportError as e:
+        raise HubModelError(ref, f"reading {span}: the connection to the Hub failed ({type(e).__name__}); "
+                                 "nothing was written") from e
+    if len(content) < size:
         raise CorruptFileError(url, f"expected {size} bytes at {begin}, got {len(content)}")
-    return content
+    return bytes(content[:size])
 
 
 def open_remote(ref: str) -> ModelSource:
@@ -413,24 +532,29 @@ def open_remote(ref: str) -> ModelSource:
     (``get_safetensors_metadata``) and fetches config.json and the tokenizer files. Offline
     (``HF_HUB_OFFLINE=1``) a model in the local cache is opened as a folder instead.
     """
-    from huggingface_hub import HfApi, constants, snapshot_download
+    from huggingface_hub import HfApi, constants
 
     if constants.HF_HUB_OFFLINE:
         return open_model(ref, hash_content=False)
-    if not _REPO_RE.match(ref) or ref.startswith((".", "/", "~")):
+    if not _REPO_RE.fullmatch(ref) or ref.startswith((".", "/", "~")):
         raise ModelNotFoundError(ref, "no such folder, and it is not a Hub repo id (org/name[@revision])")
     repo_id, _, revision = ref.partition("@")
-    api = HfApi()
     with _hub_errors(ref, revision):
-        commit = api.model_info(repo_id, revision=revision or None).sha or revision or "main"
-        meta = api.get_safetensors_metadata(repo_id, revision=commit)
-        root = Path(snapshot_download(repo_id, revision=commit, allow_patterns=list(SIDE_FILES)))
+        guard.install()
+        commit, files = _listing(repo_id, revision or None, ref, files_metadata=False)
+        with guard.bounded(repo_id, "a safetensors header", guard.SAFETENSORS_HEADER_BYTES):
+            meta = HfApi().get_safetensors_metadata(repo_id, revision=commit)
+        side = {n: files[n] for n in SIDE_FILES if n in files}
+        root = _hub_files(repo_id, commit, side, set())
     tensors: dict[str, TensorInfo] = {}
     offsets: dict[str, int] = {}
     for filename, file_meta in meta.files_metadata.items():
         for name, t in file_meta.tensors.items():
             if t.dtype not in ST_TO_TORCH:
                 raise CorruptFileError(f"{ref}/{filename}", f"tensor {name} has unsupported dtype {t.dtype}")
+            if any(not isinstance(d, int) or d < 0 for d in t.shape) or not isinstance(t.data_offsets[0], int) \
+                    or t.data_offsets[0] < 0:
+                raise CorruptFileError(f"{ref}/{filename}", f"tensor {name} has an invalid shape or offset")
             tensors[name] = TensorInfo(name, t.dtype, tuple(t.shape), Path(filename))
             offsets[name] = int(t.data_offsets[0])
     config = _read_json(root / "config.json") if (root / "config.json").is_file() else {}

@@ -155,6 +155,7 @@ def hub_env(hub: LocalHub, monkeypatch: pytest.MonkeyPatch, tmp_path_factory: py
     monkeypatch.delenv("RVHUB_REGISTRY", raising=False)
     hub.faults.fail_commits = 0
     hub.faults.drops.clear()
+    hub.hostile = None
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_DISABLE_PROGRESS_BARS", "RVHUB_DEBUG")}
     env.update(HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0", HF_HUB_DISABLE_XET="1", HF_TOKEN=HUB_TOKEN,
                HF_HOME=str(home), TOKENIZERS_PARALLELISM="false")

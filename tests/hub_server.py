@@ -26,6 +26,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
+from hostile_hub import Hostile
 
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".npy", ".gguf")
 LFS_MIN_SIZE = 10 * 1024 * 1024  # the Hub stores big files in LFS whatever their name
@@ -107,6 +108,7 @@ class LocalHub:
         self.repos: dict[str, Repo] = {}
         self.lfs: dict[str, bytes] = {}  # uploaded LFS objects by sha256, waiting for (or used by) commits
         self.faults = Faults()
+        self.hostile: Hostile | None = None  # a lying server (tests/hostile_hub.py); None: an honest one
         self.log: list[tuple[str, str, int]] = []  # (method, path, status) of every request
         self.lock = threading.RLock()
         self._server: ThreadingHTTPServer | None = None
@@ -115,7 +117,7 @@ class LocalHub:
     @classmethod
     def start(cls, token: str) -> LocalHub:
         hub = cls(token)
-        server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(hub))
+        server = _Server(("127.0.0.1", 0), _handler_for(hub))
         server.daemon_threads = True
         hub._server = server
         hub.url = f"http://127.0.0.1:{server.server_address[1]}"
@@ -175,6 +177,16 @@ class LocalHub:
 # -------------------------------------------------------------------- HTTP
 
 
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hangs up mid-answer (as a bounded client does) is no error of the fixture's; the
+        default handler would print it on stderr, which tests read."""
+        import sys
+
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 def _handler_for(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
     class Handler(_Handler):
         pass
@@ -198,11 +210,16 @@ class _Handler(BaseHTTPRequestHandler):
         self.parts = [unquote(p) for p in url.path.strip("/").split("/")]
         status = 500
         try:
-            status = self._dispatch(method, self.parts)
+            hostile = self.hub.hostile.handle(self, method, _step(method, self.parts, self.headers), self.parts) \
+                if self.hub.hostile is not None else None
+            status = self._dispatch(method, self.parts) if hostile is None else hostile
         except HubError as e:
             status = e.status
-            self._send_json(e.status, {"error": e.message}, {**({"X-Error-Code": e.code} if e.code else {}),
-                                                              "X-Error-Message": e.message, **e.headers})
+            message = e.message
+            if self.hub.hostile is not None and self.hub.hostile.echo_auth:
+                message += f" (you sent Authorization: {self.headers.get('Authorization')})"
+            self._send_json(e.status, {"error": message}, {**({"X-Error-Code": e.code} if e.code else {}),
+                                                            "X-Error-Message": message, **e.headers})
         except Exception as e:  # a bug in this fixture: answer it, so the test fails with a readable message
             self._send_json(500, {"error": f"local hub fixture: {e!r}"})
             raise
@@ -242,6 +259,8 @@ class _Handler(BaseHTTPRequestHandler):
             raise HubError(400, f"invalid JSON: {e}") from e
 
     def _send(self, status: int, body: bytes, headers: dict[str, str], length: int | None = None) -> None:
+        if self.hub.hostile is not None:
+            headers = self.hub.hostile.rewrite(self, headers)
         self.send_response(status)
         for k, v in headers.items():
             self.send_header(k, v)
@@ -530,6 +549,26 @@ class _Handler(BaseHTTPRequestHandler):
             return status
         self._send(status, body, headers)
         return status
+
+
+def _step(method: str, p: list[str], headers: Any) -> str:
+    """The name tests/hostile_hub.py gives the request."""
+    if p[:2] == ["api", "models"]:
+        rest = p[4:]
+        if len(p) == 2:
+            return "list_models"
+        if rest[:1] in (["preupload"], ["commit"], ["tree"]):
+            return rest[0]
+        return "model_info"
+    if p[:3] == ["api", "repos", "create"]:
+        return "create"
+    if p[:1] == ["_lfs"]:
+        return "lfs_put"
+    if p[2:4] == ["info", "lfs"]:
+        return "lfs_batch"
+    if len(p) >= 5 and p[2] == "resolve":
+        return "head" if method == "HEAD" else "range" if headers.get("Range") else "get"
+    return "other"
 
 
 def _byte_range(header: str, size: int) -> tuple[int, int] | None:
