@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from rvhub.apply import apply
 from rvhub.card import VectorCard, file_entry
 from rvhub.errors import VectorStructureError
+from rvhub.formats import VectorFolder
 
 Tensors = dict[str, torch.Tensor]
 UP = "model.layers.0.mlp.up_proj.weight"
@@ -139,3 +140,24 @@ def test_the_clean_vector_passes(trio, vector, tmp_path):
     apply(vec, str(t.target), tmp_path / "out", scale=0.5, progress=False)
     apply(vector("llama_large"), str(t.target), tmp_path / "ref", scale=0.5, progress=False)
     assert_bitwise_equal(load_tensors(tmp_path / "out"), load_tensors(tmp_path / "ref"), "re-hashed clean vector")
+
+
+def test_an_old_vector_with_fix_lo_is_read_as_written(vector, tmp_path):
+    """Vectors written before fix-ups held the exact difference carry ``fix_lo``: apply still adds it after
+    ``fix_hi``, as they were written to be read."""
+    lo_value = 2.0**-20
+
+    def add_lo(t: Tensors) -> Tensors:
+        n = _fixed(t)
+        return _set(t, n + "::fix_lo", torch.full_like(t[n + "::fix_hi"], lo_value))
+
+    vec = _tampered(vector("llama_large"), tmp_path / "vec", add_lo)
+    stored = load_file(str(vec / "vector.safetensors"))
+    n = _fixed(stored)
+    decoded = VectorFolder(vec).dense(n).reshape(-1)
+    fix, hi = stored[n + "::fix_index"], stored[n + "::fix_hi"]
+    assert torch.equal(decoded[fix], hi + lo_value)
+    clean = VectorFolder(vector("llama_large")).dense(n).reshape(-1)
+    others = torch.ones_like(clean, dtype=torch.bool)
+    others[fix] = False
+    assert torch.equal(decoded[others], clean[others])
