@@ -16,29 +16,37 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .errors import InvalidOptionError, OutputExistsError
 
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    ST_TO_TORCH: dict[str, torch.dtype]
+    TORCH_TO_ST: dict[torch.dtype, str]
+
 logger = logging.getLogger(__name__)
 
-# safetensors dtype codes <-> torch dtypes (the codes the format defines for what torch can hold)
-ST_TO_TORCH: dict[str, torch.dtype] = {
-    "BF16": torch.bfloat16,
-    "F16": torch.float16,
-    "F32": torch.float32,
-    "F64": torch.float64,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
+# torch loads only where tensors are computed: `rvhub --help`, info, search and card never import it
+_ST_TORCH_NAMES = {  # safetensors dtype codes -> torch dtypes (the codes the format defines for what torch holds)
+    "BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "I64": "int64", "I32": "int32",
+    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
 }
-TORCH_TO_ST: dict[torch.dtype, str] = {v: k for k, v in ST_TO_TORCH.items()}
+
+
+def __getattr__(name: str) -> Any:
+    """``ST_TO_TORCH`` and ``TORCH_TO_ST``, built (importing torch) on first use."""
+    if name in ("ST_TO_TORCH", "TORCH_TO_ST"):
+        import torch
+
+        st_to_torch = {k: getattr(torch, v) for k, v in _ST_TORCH_NAMES.items()}
+        globals().update(ST_TO_TORCH=st_to_torch, TORCH_TO_ST={v: k for k, v in st_to_torch.items()})
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 FLOAT_CODES = ("BF16", "F16", "F32", "F64")
 # user-facing names for --dtype options
 DTYPE_NAMES: dict[str, str] = {
@@ -56,7 +64,8 @@ def dtype_code(name: str) -> str:
     return code
 
 
-ITEMSIZE: dict[str, int] = {k: v.itemsize for k, v in ST_TO_TORCH.items()}
+ITEMSIZE: dict[str, int] = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                             "BOOL": 1}
 
 
 def nbytes(code: str, shape: Sequence[int]) -> int:
@@ -65,6 +74,8 @@ def nbytes(code: str, shape: Sequence[int]) -> int:
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """A zero-copy byte view of a contiguous CPU tensor (works for bfloat16, which numpy lacks)."""
+    import torch
+
     t = t.contiguous()
     if t.dtype == torch.bool:
         t = t.view(torch.uint8)
@@ -136,6 +147,8 @@ class SafetensorsFileWriter:
 
     def write(self, chunk: torch.Tensor | np.ndarray | bytes | memoryview) -> None:
         check_stop()
+        import torch  # loaded already by whoever computes tensors: a dictionary lookup
+
         data = tensor_bytes(chunk) if isinstance(chunk, torch.Tensor) else memoryview(chunk).cast("B")  # type: ignore[arg-type]
         if len(data) > self._left:
             raise RuntimeError(f"too many bytes for {self._pending}")

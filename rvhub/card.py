@@ -61,7 +61,7 @@ class ModelRef(_Frozen):
     def __str__(self) -> str:
         if self.kind == "hub":
             return f"{self.id}@{self.commit or self.revision or 'main'}"
-        return f"{self.id} (sha256 {str(self.content_sha256)[:12]})"
+        return f"{self.id} (sha256 {self.content_sha256[:12]})" if self.content_sha256 else str(self.id)
 
 
 class TensorEntry(_Frozen):

@@ -30,6 +30,21 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the rvhub version.")
+    ] = False,
+) -> None:
+    """Extract, apply and share reasoning vectors: v = θ_RL − θ_SFT, applied as θ_target + α·v."""
+
+
 class VectorFormat(str, Enum):
     sparse = "sparse"
     dense = "dense"

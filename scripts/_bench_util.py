@@ -28,6 +28,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 ROLES = ("sft", "rl", "target")
 RECIPE_VERSION = 2  # bump when the synthetic weights change, to invalidate cached models
 CHANGED_FRACTION = 0.2  # share of RL elements that differ from SFT
+LARGE_MOVE = 0.05  # "large" deltas: moved elements get N(0, 5% of the tensor's rms)
+DELTAS = {
+    "small": "RL = SFT with ~20% of elements moved by 1–3 bf16 ulps",
+    "large": "RL = SFT with 20% of elements moved by N(0, 5% of the tensor's rms) in float32, rounded to bf16 "
+             "(small elements change sign; many deltas need float32 fix-ups)",
+}
 TARGET_NOISE_STD = 0.002
 INIT_STD = 0.02
 MIB = 1024 * 1024
@@ -102,6 +108,8 @@ SHAPES = {
                   max_positions=32768),
     "1.5b": Shape("1.5b", vocab=151936, hidden=1536, intermediate=8960, layers=28, heads=12, kv_heads=2,
                   max_positions=131072),
+    "3b": Shape("3b", vocab=151936, hidden=2048, intermediate=11008, layers=36, heads=16, kv_heads=2,
+                max_positions=32768),
 }
 
 
@@ -151,6 +159,18 @@ def _rl_tensor(sft: torch.Tensor, seed: int) -> torch.Tensor:
     return rl
 
 
+def _rl_tensor_large(sft: torch.Tensor, seed: int) -> torch.Tensor:
+    """SFT with 20% of elements moved by N(0, LARGE_MOVE·rms of the tensor), rounded once to bf16."""
+    import torch
+
+    g = _generator(seed)
+    flat = sft.reshape(-1).float()
+    changed = torch.rand(flat.numel(), generator=g) < CHANGED_FRACTION
+    rms = float(flat.square().mean().sqrt())
+    moved = flat + changed * (torch.randn(flat.numel(), generator=g) * (LARGE_MOVE * rms))
+    return moved.to(torch.bfloat16).reshape(sft.shape)
+
+
 def _target_tensor(sft: torch.Tensor, seed: int) -> torch.Tensor:
     """SFT plus N(0, 0.002) noise on every element, rounded to bf16."""
     import torch
@@ -191,8 +211,9 @@ def _write_hf_folder(folder: Path, shape: Shape, tensors: dict[str, torch.Tensor
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
-def build_trio(shape: Shape, models_dir: Path, seed: int = 0) -> Trio:
-    """Build (or reuse from models_dir/<shape>) the SFT, RL and TARGET checkpoints of a shape.
+def build_trio(shape: Shape, models_dir: Path, seed: int = 0, deltas: str = "small") -> Trio:
+    """Build (or reuse from models_dir/<shape>) the SFT, RL and TARGET checkpoints of a shape, with RL's
+    deltas of the regime ``deltas`` (one of DELTAS).
 
     Models are written one at a time (peak memory ~2 models) into a scratch folder that is renamed into
     place only when complete, so an interrupted build is never mistaken for a cached one.
@@ -201,6 +222,9 @@ def build_trio(shape: Shape, models_dir: Path, seed: int = 0) -> Trio:
     trio = Trio(*(final / role for role in ROLES))
     stamp = final / "recipe.json"
     recipe = {"version": RECIPE_VERSION, "seed": seed, "shape": shape.__dict__}
+    if deltas != "small":  # the small regime keeps the recipe (and the cache) it always had
+        recipe["deltas"] = deltas
+    rl_tensor = {"small": _rl_tensor, "large": _rl_tensor_large}[deltas]
     if stamp.is_file() and json.loads(stamp.read_text()) == recipe:
         return trio
     scratch = models_dir / f"{shape.name}.partial"
@@ -210,7 +234,7 @@ def build_trio(shape: Shape, models_dir: Path, seed: int = 0) -> Trio:
     seeds = [seed * 1_000_003 + 3 * i for i in range(len(specs))]  # one stream per tensor and role
     sft = {name: _sft_tensor(name, dims, s) for (name, dims), s in zip(specs, seeds, strict=True)}
     _write_hf_folder(scratch / "sft", shape, sft)
-    rl = {name: _rl_tensor(sft[name], s + 1) for (name, _), s in zip(specs, seeds, strict=True)}
+    rl = {name: rl_tensor(sft[name], s + 1) for (name, _), s in zip(specs, seeds, strict=True)}
     _write_hf_folder(scratch / "rl", shape, rl)
     del rl
     target = {name: _target_tensor(sft[name], s + 2) for (name, _), s in zip(specs, seeds, strict=True)}
