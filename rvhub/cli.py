@@ -94,7 +94,7 @@ def _run(
     except RvhubError as e:
         if debug:
             traceback.print_exc()
-        typer.echo(printable(f"error: {e}"), err=True)
+        typer.echo(" ".join(printable(f"error: {e}").splitlines()), err=True)  # one line, whatever e holds
         raise typer.Exit(1) from None
     except (Interrupted, KeyboardInterrupt) as e:
         typer.echo("interrupted; nothing was written", err=True)

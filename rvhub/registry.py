@@ -35,8 +35,9 @@ logger = logging.getLogger(__name__)
 VECTOR_TAG = "reasoning-vector"
 REGISTRY_ENV = "RVHUB_REGISTRY"
 _NAME = r"[A-Za-z0-9_](?:[\w\-.]{0,94}[A-Za-z0-9_])?"  # the Hub's rule: no leading/trailing '-' or '.'
-_REPO_ID = re.compile(rf"^{_NAME}/{_NAME}$")
-_REVISION = re.compile(r"^[\w\-.]+(/[\w\-.]+)*$")
+# ASCII only, and matched in full (``$`` alone would let a trailing newline through)
+_REPO_ID = re.compile(rf"{_NAME}/{_NAME}", re.ASCII)
+_REVISION = re.compile(r"[\w\-.]+(/[\w\-.]+)*", re.ASCII)
 
 
 # ------------------------------------------------------------------ references and results
@@ -62,14 +63,14 @@ class VectorRef:
 
 
 def check_repo_id(repo_id: str) -> None:
-    if not _REPO_ID.match(repo_id) or ".." in repo_id or "--" in repo_id:
+    if not _REPO_ID.fullmatch(repo_id) or ".." in repo_id or "--" in repo_id:
         raise InvalidOptionError(
             "repo id", repo_id, "use org/name: letters, digits, '-', '_', '.', no '--' or '..', at most 96 each"
         )
 
 
 def check_revision(revision: str) -> None:
-    if not _REVISION.match(revision) or any(p in (".", "..") for p in revision.split("/")):
+    if not _REVISION.fullmatch(revision) or any(p in (".", "..") for p in revision.split("/")):
         raise InvalidOptionError("revision", revision, "use a branch name or a commit hash")
 
 
