@@ -24,7 +24,7 @@ from ._io import (
     write_text,
 )
 from ._progress import progress_bar, tensor_done
-from ._untrusted import decoding
+from ._untrusted import decoding, read_json
 from .compat import check_model, require_compatible
 from .errors import (
     InvalidOptionError,
@@ -216,7 +216,7 @@ def _copy_side_files(tgt: ModelSource, folder: Path, out_code: str | None) -> No
     for path in tgt.side_files():
         dest = folder / path.name
         if path.name == "config.json" and out_code:
-            config = json.loads(path.read_text(encoding="utf-8"))
+            config = read_json(path)
             for key in ("dtype", "torch_dtype"):
                 if key in config:
                     config[key] = _DTYPE_CONFIG_NAME[out_code]

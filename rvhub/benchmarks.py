@@ -272,7 +272,11 @@ def _sync_adapter_base(folder: Path, card: VectorCard) -> tuple[VectorCard, dict
     if not listed:
         raise VectorFormatError(str(folder), f"{ADAPTER_CONFIG} is not in the card's file manifest")
     verify_files(folder, card.model_copy(update={"files": listed}))
-    config = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    from ._untrusted import read_json
+
+    config = read_json(folder / ADAPTER_CONFIG)
+    if not isinstance(config, dict):
+        raise VectorFormatError(str(folder), f"{ADAPTER_CONFIG} must hold a JSON object")
     config["base_model_name_or_path"] = adapter_base(card)
     text = json.dumps(config, indent=2, sort_keys=True)  # as PeftConfig.save_pretrained writes it
     data = text.encode("utf-8")

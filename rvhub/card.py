@@ -401,10 +401,10 @@ class VectorCard(_Frozen):
         The text is untrusted: its size, depth and longest string are bounded before it is parsed, and it
         is validated strictly (``1.0`` or ``true`` is not the integer 1).
         """
-        from ._untrusted import parse_json
+        from ._untrusted import MAX_STRING, parse_json
 
         raw = parse_json(
-            text, where, max_bytes=MAX_CARD_BYTES,
+            text, where, max_bytes=MAX_CARD_BYTES, max_string=MAX_STRING,
             error=lambda reason: VectorFormatError(where, f"{CARD_FILE}: {reason}"),
         )
         if not isinstance(raw, dict):

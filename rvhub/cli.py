@@ -110,7 +110,7 @@ def _run(
     except RvhubError as e:
         if debug:
             sys.stderr.write(format_exception(e))
-        typer.echo(printable(scrub(f"error: {e}")), err=True)
+        typer.echo(" ".join(printable(scrub(f"error: {e}")).splitlines()), err=True)  # one line, whatever e holds
         raise typer.Exit(1) from None
     except (Interrupted, KeyboardInterrupt) as e:
         typer.echo("interrupted; nothing was written", err=True)

@@ -187,6 +187,13 @@ def test_a_ref_to_a_commit_without_record_is_one_line(world, vector):
     refused("info", REPO, *reg(world), fragments=("has no record",))
 
 
+@pytest.mark.parametrize("repo_id", ["org/vec\n", "org/véc", "org/vec/../../x", "../org/vec"])
+def test_repo_ids_with_newlines_or_non_ascii_letters_are_refused(world, repo_id):
+    refused("info", repo_id, *reg(world), fragments=("repo id",))
+    refused("push", world.vec, repo_id, *reg(world), fragments=("repo id",))
+    world.assert_outside_untouched()
+
+
 def test_search_goes_on_past_a_damaged_repo(world, vector):
     push(vector("llama_plain"), "org/other", registry=world.root, progress=False)
     (world.repo / "refs" / "main").write_text("../../x\n")

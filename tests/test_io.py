@@ -80,7 +80,22 @@ def test_parse_size(text, value):
     assert parse_size(text) == value
 
 
-@pytest.mark.parametrize("text", ["", "-1GB", "0", "12XB", "GB"])
+@pytest.mark.parametrize("text", ["", "-1GB", "0", "12XB", "GB", "nan", "inf", "-inf", "1e400", "0.5", "2PB", True])
 def test_parse_size_rejects(text):
     with pytest.raises(InvalidOptionError):
         parse_size(text)
+
+
+@pytest.mark.parametrize("text,shown", [
+    ("plain text", "plain text"),
+    ("a\x1b[31mred\x1b[0m b", "ared b"),
+    ("title\x1b]0;owned\x07 end", "title end"),
+    ("tab\tand\nnewline", "tab\tand\nnewline"),
+    ("cr\rbell\x07nul\x00", "cr bell?nul?"),
+    ("bidi \u202eevil", "bidi ?evil"),
+    ("wide 日本語 ok", "wide 日本語 ok"),
+])
+def test_printable_strips_terminal_controls(text, shown):
+    from rvhub._untrusted import printable
+
+    assert printable(text) == shown
