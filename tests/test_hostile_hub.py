@@ -288,3 +288,16 @@ def test_a_body_shorter_than_declared_is_one_line(request, hub, hub_env, vector)
     hub.hostile = None
     hub.drop_next_downloads(VECTOR_FILE, n=20, after_bytes=100)
     one_error(invoke("pull", repo, "--quiet"), "connection to", "failed")
+
+
+def test_an_honest_server_still_serves_a_hub_base_to_check_and_apply(hub_model, vector, trio, tmp_path):
+    """The control: the same paths with an honest server give what a local base gives."""
+    from helpers import assert_bitwise_equal, load_tensors
+
+    from rvhub.apply import apply
+
+    result = invoke("check", vector("qwen2_plain"), "--base", hub_model)
+    assert result.exit_code == 0, result.stderr
+    remote = apply(vector("qwen2_plain"), hub_model, tmp_path / "remote", progress=False)
+    local = apply(vector("qwen2_plain"), str(trio("qwen2_plain").target), tmp_path / "local", progress=False)
+    assert_bitwise_equal(load_tensors(Path(remote.out)), load_tensors(Path(local.out)), "Hub base vs local base")
