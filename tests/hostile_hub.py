@@ -8,7 +8,8 @@ Set ``hub.hostile = Hostile(...)``; the ``hub_env`` fixture resets it. Steps are
 - ``content_length``: the Content-Length declared for ``target`` (the real body is sent, then the connection
   closed); ``get_length``: the same on GET only, sending only that many bytes (HEAD stays honest);
   ``endless``: ``target``'s GET body never ends (chunked; the fixture stops at ``ENDLESS_CAP`` bytes or when the
-  client goes away); ``drop_range``: a Range GET of ``target`` is cut after half its bytes;
+  client goes away); ``drop_range``: a Range GET of ``target`` is cut after half its bytes; ``ignore_range``:
+  a Range GET of ``target`` gets the whole file (200);
 - ``fail``: step -> (status, extra headers) answered instead; ``bad_json``: steps answered with a body that
   is not JSON; ``null_sha``: model info with ``"sha": null``; ``models_object``: the model list as an object;
   ``extra_ids``: repo ids added to the model list; ``echo_auth``: error bodies echo the Authorization header.
@@ -33,6 +34,7 @@ class Hostile:
     get_length: int | None = None
     endless: bool = False
     drop_range: bool = False
+    ignore_range: bool = False
     fail: dict[str, tuple[int, dict[str, str]]] = field(default_factory=dict)
     bad_json: set[str] = field(default_factory=set)
     null_sha: bool = False
@@ -76,7 +78,7 @@ class Hostile:
             return 200
         if step in ("get", "range", "head") and self._targets(parts) and (
             self.endless or self.content_length is not None or (self.drop_range and step == "range")
-            or (self.get_length is not None and step == "get")
+            or (self.get_length is not None and step == "get") or (self.ignore_range and step == "range")
         ):
             return self._lie_about_body(h, step, parts)
         return None
@@ -111,6 +113,14 @@ class Hostile:
             h.wfile.flush()
             h.close_connection = True
             return 206
+        if step == "range" and self.ignore_range:
+            h.send_response(200)
+            for k, v in {**base, "Content-Length": str(len(data))}.items():
+                h.send_header(k, v)
+            h.end_headers()
+            h.wfile.write(data)
+            self.sent[name] += len(data)
+            return 200
         if step == "get" and self.get_length is not None:
             data = data[: self.get_length]
         if step == "head" or not self.endless:  # a lying Content-Length (HEAD: the size it declares)

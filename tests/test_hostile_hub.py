@@ -170,7 +170,32 @@ def test_a_range_read_cut_midway_is_one_line(request, hub, hub_env, vector, trio
     one_error(invoke("check", vector("qwen2_plain"), "--base", model), model)
 
 
+def test_a_server_that_ignores_range_is_refused_not_downloaded(hub, hub_model, vector):
+    hub.hostile = Hostile(target="model.safetensors", ignore_range=True)
+    one_error(invoke("check", vector("qwen2_plain"), "--base", hub_model), "ignored the Range request")
+
+
 # ------------------------------------------------------------------ item 3: the token
+
+
+def test_scrub_replaces_tokens_bearer_credentials_and_hf_tokens(monkeypatch):
+    import logging
+
+    from rvhub._secrets import ScrubFilter, scrub
+
+    monkeypatch.setenv("HF_TOKEN", "s3cret-token-value")
+    text = "got s3cret-token-value; Authorization: Bearer abc.def; also hf_abcdefghijklmnopqrstuvwxyz"
+    assert scrub(text) == "got ***; Authorization: Bearer ***; also hf_***"
+    try:
+        raise ValueError("echoed s3cret-token-value")
+    except ValueError:
+        import sys
+
+        record = logging.LogRecord("x", logging.WARNING, __file__, 1, "sent %s", ("s3cret-token-value",),
+                                   sys.exc_info())
+    assert ScrubFilter().filter(record)
+    assert record.getMessage() == "sent ***" and "s3cret" not in (record.exc_text or "")
+    assert "ValueError: echoed ***" in (record.exc_text or "")
 
 
 def test_an_echoed_token_is_scrubbed_from_the_traceback_under_debug(request, hub, hub_env, vector):
@@ -288,3 +313,16 @@ def test_a_body_shorter_than_declared_is_one_line(request, hub, hub_env, vector)
     hub.hostile = None
     hub.drop_next_downloads(VECTOR_FILE, n=20, after_bytes=100)
     one_error(invoke("pull", repo, "--quiet"), "connection to", "failed")
+
+
+def test_an_honest_server_still_serves_a_hub_base_to_check_and_apply(hub_model, vector, trio, tmp_path):
+    """The control: the same paths with an honest server give what a local base gives."""
+    from helpers import assert_bitwise_equal, load_tensors
+
+    from rvhub.apply import apply
+
+    result = invoke("check", vector("qwen2_plain"), "--base", hub_model)
+    assert result.exit_code == 0, result.stderr
+    remote = apply(vector("qwen2_plain"), hub_model, tmp_path / "remote", progress=False)
+    local = apply(vector("qwen2_plain"), str(trio("qwen2_plain").target), tmp_path / "local", progress=False)
+    assert_bitwise_equal(load_tensors(Path(remote.out)), load_tensors(Path(local.out)), "Hub base vs local base")
