@@ -228,7 +228,10 @@ class VectorFolder:
         if name + FIX_INDEX not in self._where:
             none = torch.empty(0, dtype=work)
             return torch.empty(0, dtype=torch.int64), none, none
-        return self._get(name + FIX_INDEX), self._get(name + FIX_HI).to(work), self._get(name + FIX_LO).to(work)
+        hi = self._get(name + FIX_HI).to(work)
+        # no fix_lo: every fix-up is exact in its hi part (combine writes such vectors)
+        lo = self._get(name + FIX_LO).to(work) if name + FIX_LO in self._where else torch.zeros_like(hi)
+        return self._get(name + FIX_INDEX), hi, lo
 
     def delta_chunks(
         self, name: str, rows: int, chunk_elems: int, scale: float, work: torch.dtype

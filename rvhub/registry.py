@@ -18,6 +18,7 @@ import logging
 import os
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -325,14 +326,17 @@ def pull_apply(
     allow_vocab_mismatch: bool = False,
     max_shard_size: str | int = "5GB",
     progress: bool = True,
+    scale_patterns: Iterable[str] | None = None,
 ) -> PullResult:
     """``pull`` then ``apply``: write θ_base + scale·v to ``out``. Options are checked before any download.
 
     The compatibility check runs inside ``apply``.
     """
+    from .algebra import ScalePatterns
     from .apply import apply, resolve_device
 
     check_output(Path(out), overwrite)
+    patterns = ScalePatterns.of(scale_patterns, scale)  # a bad pattern is refused before any download
     resolve_device(device)
     if dtype is not None:
         dtype_code(dtype)
@@ -340,6 +344,7 @@ def pull_apply(
     applied = apply(
         pulled.path, base, out, scale=scale, dtype=dtype, device=device, overwrite=overwrite,
         allow_vocab_mismatch=allow_vocab_mismatch, max_shard_size=max_shard_size, progress=progress,
+        scale_patterns=patterns,
     )
     return replace(pulled, applied=applied)
 
