@@ -339,3 +339,37 @@ def test_cli_combine_and_apply_with_scale_patterns(pair, tmp_path):
     bad = run_cli("combine", v1, v3, "-o", tmp_path / "x", "--method", "ties", "--density", "2")
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "--density" in bad.stderr
     assert math.isfinite(r["seconds"])
+
+
+def test_sum_is_exact_on_a_vector_with_fixups(trio, vector, tmp_path):
+    t = trio("qwen2_hard")  # sign flips and large values moved next to zero: the inputs carry fix-ups
+    v = vector("qwen2_hard")
+    assert sum(e.fixups for e in VectorCard.read(v).tensors) > 0
+    d = delta(t.rl, t.sft)
+    combine([v, v], tmp_path / "c", weights=[1.0, -0.375], progress=False)
+    w = torch.tensor(-0.375)
+    assert_combination(tmp_path / "c", {k: d[k] + d[k] * w for k in d})
+
+
+def test_an_adapter_folder_is_refused_with_a_hint(lowrank, tmp_path):
+    from rvhub.compress import compress
+
+    _, vec = lowrank("llama")
+    compress(vec, tmp_path / "a", rank=3, progress=False)
+    with pytest.raises(VectorFormatError, match="combine the sparse or dense vectors it was compressed from"):
+        combine([vec, tmp_path / "a"], tmp_path / "c", progress=False)
+
+
+def test_pull_apply_takes_scale_patterns(pair, tmp_path):
+    from rvhub.registry import pull_apply, push
+
+    t, v1, *_ = pair
+    reg = tmp_path / "registry"
+    push(v1, "org/one", registry=reg, progress=False)
+    with pytest.raises(InvalidOptionError, match="--scale-pattern"):
+        pull_apply("org/one", str(t.target), tmp_path / "bad", registry=reg, scale_patterns=["(=1"], progress=False)
+    got = pull_apply("org/one", str(t.target), tmp_path / "out", registry=reg, scale=0.5,
+                     scale_patterns=["mlp=2"], progress=False)
+    local = apply(v1, str(t.target), tmp_path / "local", scale=0.5, scale_patterns=["mlp=2"], progress=False)
+    assert got.applied is not None and got.applied.scales == local.scales
+    assert_bitwise_equal(models(tmp_path / "out"), models(tmp_path / "local"))
