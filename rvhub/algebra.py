@@ -428,6 +428,8 @@ def _combine_tensor(
 
     work = _work(inputs, name)
     shape = next(i.folder.entries[name].shape for i in inputs if name in i.folder.entries)
+    if _numel(shape) == 0:
+        return []  # an empty tensor has no delta to store
     row_elems = _numel(shape[1:])
     blocks = row_blocks(shape, CHUNK_ELEMS) if shape else [(0, 1)]
     sizes = [(b - a) * row_elems for a, b in blocks] if shape else [1]

@@ -125,8 +125,11 @@ def inspect_vector(
     vec = open_vector(Path(vector))
     oth = open_vector(Path(other)) if other is not None else None
     src = _from_source(vec, from_model)
-    names = sorted(vec.entries)
-    common = [n for n in names if oth is None or n in oth.entries]
+    # a tensor one vector stores and the other lists as unchanged is compared against zeros
+    known_v = set(vec.entries) | set(vec.card.unchanged)
+    known_o = (set(oth.entries) | set(oth.card.unchanged)) if oth is not None else known_v
+    stored = set(vec.entries) | (set(oth.entries) if oth is not None else set())
+    common = sorted(n for n in stored if n in known_v and n in known_o)
     tensors: dict[str, Stats] = {}
     for name in common:
         tensors[name] = _tensor_stats(name, vec, oth, src)
@@ -147,8 +150,8 @@ def inspect_vector(
         layers={k: s.summary(compared) for k, s in sorted(layers.items(), key=lambda kv: _layer_key(kv[0]))},
         modules={k: s.summary(compared) for k, s in sorted(modules.items())},
         tensors={k: s.summary(compared) for k, s in tensors.items()},
-        only_in_vector=[n for n in names if oth is not None and n not in oth.entries],
-        only_in_other=sorted(n for n in (oth.entries if oth is not None else {}) if n not in vec.entries),
+        only_in_vector=sorted(n for n in vec.entries if n not in known_o),
+        only_in_other=sorted(n for n in (oth.entries if oth is not None else {}) if n not in known_v),
         spectrum=_spectrum(vec) if isinstance(vec, AdapterFolder) else [],
     )
     if plot is not None:
@@ -175,16 +178,20 @@ def _from_source(vec: VectorFolder | AdapterFolder, from_model: str | None) -> M
     return None
 
 
-def _blocks(vec: VectorFolder | AdapterFolder, name: str) -> Any:
-    """The decoded float32 delta of ``name``, one flat row block at a time."""
+def _blocks(vec: VectorFolder | AdapterFolder, name: str, shape: tuple[int, ...]) -> Any:
+    """The decoded float32 delta of ``name`` (zeros if ``vec`` lists it as unchanged), one flat row block at
+    a time."""
     import torch
 
     from .sources import CHUNK_ELEMS, row_blocks
 
-    shape = vec.entries[name].shape
     rows = shape[0] if shape else 1
     row_elems = math.prod(shape[1:])
-    blocks = row_blocks(shape, CHUNK_ELEMS) if shape else [(0, 1)]
+    blocks = (row_blocks(shape, CHUNK_ELEMS) if shape else []) or [(0, rows if shape else 1)]
+    if name not in vec.entries:
+        for a, b in blocks:
+            yield torch.zeros((b - a) * row_elems if shape else 1, dtype=torch.float32)
+        return
     for (a, b), d in zip(blocks, vec.delta_chunks(name, rows, CHUNK_ELEMS, 1.0, torch.float32), strict=True):
         out = torch.zeros((b - a) * row_elems if shape else 1, dtype=torch.float32)
         d.add_to(out)
@@ -196,12 +203,12 @@ def _tensor_stats(
 ) -> Stats:
     import torch
 
-    shape = vec.entries[name].shape
+    shape = vec.entries[name].shape if name in vec.entries else oth.entries[name].shape  # type: ignore[union-attr]
     s = Stats(elements=math.prod(shape))
-    if oth is not None and oth.entries[name].shape != shape:
+    if oth is not None and name in oth.entries and oth.entries[name].shape != shape:
         raise ShapeMismatchError(name, shape, oth.entries[name].shape, "the vector", "the other vector")
-    others = _blocks(oth, name) if oth is not None else None
-    for a in _blocks(vec, name):
+    others = _blocks(oth, name, shape) if oth is not None else None
+    for a in _blocks(vec, name, shape):
         a64 = a.double()
         nz = a != 0
         s.nonzero += int(nz.sum())

@@ -118,3 +118,15 @@ def test_cli_inspect_json(two):
     assert set(r["layers"]) == {"0", "1", "-"} and -1 <= r["total"]["cosine"] <= 1
     human = run_cli("inspect", v1)
     assert human.returncode == 0 and "module type" in human.stdout
+
+
+def test_a_tensor_unchanged_in_one_vector_compares_against_zeros(two, tmp_path):
+    t, v1, *_ = two
+    dense = tmp_path / "dense"
+    extract(str(t.sft), str(t.target), dense, format="dense", progress=False)  # every tensor, norms too
+    r = inspect_vector(v1, dense)
+    norms = [n for n in r.tensors if n.endswith("norm.weight")]
+    assert norms and not r.only_in_vector and not r.only_in_other
+    for n in norms:  # the plain trio's RL leaves the norms as they are
+        s = r.tensors[n]
+        assert s["norm"] == 0 and s["other_norm"] > 0 and s["jaccard"] == 0 and s["cosine"] is None
