@@ -435,16 +435,23 @@ def _combine_tensor(
     sizes = [(b - a) * row_elems for a, b in blocks] if shape else [1]
     if method == "sum":
         acc = [torch.zeros(n, dtype=work) for n in sizes]
+        first = True
         for inp, wi in zip(inputs, w, strict=True):
             if name not in inp.folder.entries:
                 continue  # listed unchanged there: a zero term
             rows = shape[0] if shape else 1
             for a_blk, d in zip(acc, inp.folder.delta_chunks(name, rows, CHUNK_ELEMS, 1.0, work), strict=True):
+                if first:  # 0 + v is v: decode straight into the accumulator, then weight it
+                    d.add_to(a_blk)
+                    if wi != 1.0:
+                        a_blk.mul_(_scalar(wi, work))
+                    continue
                 v = torch.zeros_like(a_blk)
                 d.add_to(v)
                 if wi != 1.0:
-                    v = v * _scalar(wi, work)
+                    v.mul_(_scalar(wi, work))
                 a_blk += v
+            first = False
         result = acc
     else:
         full = [
@@ -557,6 +564,8 @@ def _encode_delta(
 def _values_dtype(name: str, inputs: list[_Input], chunks: list[torch.Tensor]) -> torch.dtype:
     """The tensor's own dtype, unless so many deltas need a fix-up (12 bytes each) that storing every value in
     the work dtype is smaller."""
+    import torch
+
     from ._io import ST_TO_TORCH
 
     src = ST_TO_TORCH[next(i.folder.entries[name].source_dtype for i in inputs if name in i.folder.entries)]
@@ -564,10 +573,9 @@ def _values_dtype(name: str, inputs: list[_Input], chunks: list[torch.Tensor]) -
     if src == work:
         return src
     changed = inexact = 0
-    for c in chunks:
-        nz = c[c != 0]
-        changed += nz.numel()
-        inexact += int((nz.to(src).to(work) != nz).sum())
+    for c in chunks:  # zeros are exact in every dtype: no need to pick the nonzero elements out
+        changed += int(torch.count_nonzero(c))
+        inexact += int(torch.count_nonzero(c.to(src).to(work) != c))
     src_bytes = changed * src.itemsize + inexact * (8 + work.itemsize)
     return src if src_bytes < changed * work.itemsize else work
 
@@ -586,7 +594,9 @@ def _write_tensor(name: str, inputs: list[_Input], chunks: list[torch.Tensor], w
     values_dtype = _values_dtype(name, inputs, chunks)
     masks, values, fix_pos, fix_hi = [], [], [], []
     start = changed = 0
-    for c in chunks:
+    chunks.reverse()
+    while chunks:  # each chunk is released once encoded: the stored form replaces it in memory
+        c = chunks.pop()
         enc = _encode_delta(c, (c != 0).numpy(), values_dtype, sparse=True)
         changed += enc.n_changed
         masks.append(pack_bits(enc.changed))
