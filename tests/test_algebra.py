@@ -89,6 +89,9 @@ def test_weighted_sum_of_sparse_and_dense_vectors_is_the_float32_formula_bit_for
     assert prov.inputs[0].card_sha256 == __import__("hashlib").sha256((v1 / "rvhub.json").read_bytes()).hexdigest()
     assert res.changed_elements == sum(int((e != 0).sum()) for e in expected.values())
     assert card.exact
+    readme = (tmp_path / "c" / "README.md").read_text()
+    assert "# Combined reasoning vector: 1·v1 + 0.5·v2 − 0.3·v3" in readme and "## Provenance" in readme
+    assert VectorCard.from_readme(readme) == card
 
 
 def test_negation_is_minus_v(pair, tmp_path):
