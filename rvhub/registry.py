@@ -417,6 +417,10 @@ def describe_card(card: VectorCard) -> list[str]:
         f"  form: {card.format}, {'exact' if card.exact else 'lossy'}, deltas in {dtypes}; "
         f"{len(card.tensors)} tensors changed ({changed:,} elements), {len(card.unchanged)} unchanged",
     ]
+    p = card.provenance
+    if p is not None:  # a combination: its own formula, not v1's to − from
+        lines[0:2] = [f"  v = {p.expression} ({p.method}); inputs: "
+                      + ", ".join(f"v{i + 1} = {x.ref}" for i, x in enumerate(p.inputs))]
     c = card.compression
     if c is not None:
         lines.append(
