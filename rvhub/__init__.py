@@ -38,6 +38,11 @@ __all__ = [
     "open_registry",
     "HubRegistry",
     "LocalRegistry",
+    "combine_vectors",
+    "CombineResult",
+    "ScalePatterns",
+    "inspect_vector",
+    "InspectReport",
 ]
 
 _EXPORTS = {  # public name -> (module, name there)
@@ -63,11 +68,18 @@ _EXPORTS = {  # public name -> (module, name there)
     "open_registry": ("rvhub.registry", "open_registry"),
     "HubRegistry": ("rvhub._hub_registry", "HubRegistry"),
     "LocalRegistry": ("rvhub._local_registry", "LocalRegistry"),
+    "combine_vectors": ("rvhub.algebra", "combine"),
+    "CombineResult": ("rvhub.algebra", "CombineResult"),
+    "ScalePatterns": ("rvhub.algebra", "ScalePatterns"),
+    "inspect_vector": ("rvhub.inspect", "inspect_vector"),
+    "InspectReport": ("rvhub.inspect", "InspectReport"),
 }
 
 if TYPE_CHECKING:
     from ._hub_registry import HubRegistry
     from ._local_registry import LocalRegistry
+    from .algebra import CombineResult, ScalePatterns
+    from .algebra import combine as combine_vectors
     from .apply import ApplyResult
     from .apply import apply as apply_vector
     from .benchmarks import edit_card, import_lm_eval
@@ -78,6 +90,7 @@ if TYPE_CHECKING:
     from .extract import ExtractResult
     from .extract import extract as extract_vector
     from .formats import VectorFolder
+    from .inspect import InspectReport, inspect_vector
     from .registry import info as vector_info
     from .registry import open_registry
     from .registry import pull as pull_vector

@@ -127,7 +127,23 @@ def _short(ref: ModelRef) -> str:
 
 
 def _title(card: VectorCard) -> str:
+    if card.provenance is not None:
+        return f"Combined reasoning vector: {card.provenance.expression}"
     return f"Reasoning vector: {_short(card.source_to)} − {_short(card.source_from)}"
+
+
+def _provenance(card: VectorCard) -> dict[str, Any] | None:
+    """The combine provenance as template rows (None for an extracted vector)."""
+    p = card.provenance
+    if p is None:
+        return None
+    params = [f"method `{p.method}`"] + ([f"density {p.density:g}"] if p.density is not None else []) + (
+        [f"seed {p.seed}"] if p.seed is not None else []) + [f"α {p.scale:g}"] + [
+        f"α {e.alpha:g} for tensors matching `{_cell(e.pattern)}`" for e in p.scale_patterns] + (
+        ["combined with --force despite differing `from` fingerprints"] if p.forced else [])
+    inputs = [{"i": i + 1, "weight": f"{x.weight:g}", "ref": _cell(x.ref), "card": x.card_sha256[:16],
+               "from": _cell(str(x.source_from)), "to": _cell(str(x.source_to))} for i, x in enumerate(p.inputs)]
+    return {"expression": _cell(p.expression), "params": ", ".join(params), "inputs": inputs}
 
 
 def _ref_text(ref: ModelRef) -> str:
@@ -228,7 +244,10 @@ def _context(card: VectorCard, repo_id: str | None) -> dict[str, Any]:
             "sparse": "sparse, exact (bitmask of changed elements + their deltas)",
             "dense": f"dense, {card.values_dtype} deltas",
             "lora": "PEFT LoRA adapter + residual file for what LoRA cannot carry",
-        }[card.format] + ("; applied to `from` it reproduces `to` exactly" if card.exact else ""),
+        }[card.format] + (
+            "" if not card.exact else "; every element is exactly the float32 result of the formula below"
+            if card.provenance else "; applied to `from` it reproduces `to` exactly"),
+        "prov": _provenance(card),
         "scale": f"{card.recommended_scale:g}",
         "bases": ", ".join(f"[`{b}`](https://huggingface.co/{b})" for b in bases) or "none given",
         "model_type": _code(card.model_type) if card.model_type else "unknown model_type",

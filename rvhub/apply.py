@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from ._io import (
 )
 from ._progress import progress_bar, tensor_done
 from ._untrusted import decoding, read_json
+from .algebra import ScalePatterns
 from .compat import check_model, require_compatible
 from .errors import (
     InvalidOptionError,
@@ -53,6 +55,7 @@ class ApplyResult:
     output_bytes: int
     seconds: float
     skipped_vocab_rows: dict[str, int] = field(default_factory=dict)
+    scales: dict[str, float] = field(default_factory=dict)  # the α each changed tensor got (--scale-pattern)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -134,18 +137,22 @@ def apply(
     max_shard_size: str | int = "5GB",
     progress: bool = True,
     chunk_elems: int = CHUNK_ELEMS,
+    scale_patterns: ScalePatterns | Iterable[str] | None = None,
 ) -> ApplyResult:
     """Write θ_base + scale·v to ``out``: float32 arithmetic, rounded once to the base's dtype (or ``dtype``).
 
     config.json, generation_config.json and tokenizer files come from ``base``; a tied base stays tied.
     Before anything is written, ``base`` must pass the compatibility check (:func:`rvhub.compat.check`)
     unless ``force``; what cannot be applied at all (missing tensors, shapes) is refused even then.
+    ``scale_patterns`` (``REGEX=α``, see :class:`rvhub.algebra.ScalePatterns`) give α per target tensor name;
+    ``scale`` is the α of the rest.
     """
     t0 = time.perf_counter()
     out = Path(out)
     vector = Path(vector)
     if not math.isfinite(scale):
         raise InvalidOptionError("--scale", scale, "must be a finite number")
+    patterns = ScalePatterns.of(scale_patterns, scale)
     out_code = dtype_code(dtype) if dtype else None
     shard_bytes = parse_size(max_shard_size)
     dev = resolve_device(device)
@@ -168,7 +175,7 @@ def apply(
             progress_bar(total, f"apply α={scale:g}", progress, len(jobs)) as bar,
         ):
             for job in jobs:
-                _apply_tensor(job, vec, tgt, writer, scale, dev, chunk_elems)
+                _apply_tensor(job, vec, tgt, writer, patterns.scale_for(job.name), dev, chunk_elems)
                 tensor_done(bar, tgt.tensors[job.name].nbytes)
             names = writer.close()
         _copy_side_files(tgt, tmp, out_code)
@@ -182,6 +189,7 @@ def apply(
         output_bytes=output_bytes,
         seconds=round(time.perf_counter() - t0, 3),
         skipped_vocab_rows=skipped,
+        scales={j.name: patterns.scale_for(j.name) for j in jobs if j.source},
     )
 
 

@@ -32,9 +32,11 @@ from .errors import IntegrityError, VectorFormatError
 CARD_FILE = "rvhub.json"
 MAX_CARD_BYTES = 16 << 20  # see rvhub._untrusted: a card of a 20,000-tensor model is a few MB
 README_FILE = "README.md"
-# Still 1: no card had been published when fingerprints, benchmarks and the Hub card were added (with
-# defaults, so a card written before them still reads). Bump it for any change an older rvhub cannot read.
-SCHEMA_VERSION = 1
+# 1: no card had been published when fingerprints, benchmarks and the Hub card were added (with defaults, so
+# a card written before them still reads). 2: combined vectors (formula "combination" + provenance); every
+# version-1 card is a valid version-2 card. Bump it for any change an older rvhub cannot read.
+SCHEMA_VERSION: Literal[2] = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
 HUB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9_.\-]+$"
 HubId = Annotated[str, Field(pattern=HUB_ID_PATTERN, description="a Hugging Face Hub model id, org/name")]
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
@@ -295,12 +297,52 @@ class BenchmarkDelta(_Frozen):
         return (self.benchmark, self.metric, self.harness.filter, self.target)
 
 
+# ---------------------------------------------------------------- provenance of a combined vector (schema 2)
+
+
+class CombineInput(_Frozen):
+    """One input of ``rvhub combine``, pinned."""
+
+    ref: str = Field(description="registry repo@commit, or the local folder as given")
+    card_sha256: Sha256 = Field(description="sha256 of the input's rvhub.json (pins a local folder's content)")
+    weight: Finite = Field(description="wᵢ in the formula")
+    source_from: ModelRef = Field(description="the input's `from` model")
+    source_to: ModelRef = Field(description="the input's `to` model")
+
+
+class ScalePatternEntry(_Frozen):
+    """A --scale-pattern: tensors whose name ``re.search``-matches ``pattern`` (first match wins) get ``alpha``."""
+
+    pattern: str = Field(min_length=1)
+    alpha: Finite
+
+
+class Provenance(_Frozen):
+    """How a combined vector was made from other vectors (``rvhub combine``)."""
+
+    expression: str = Field(description="the formula in words, e.g. 1·v1 + 0.5·v2 (vᵢ: inputs[i-1])")
+    method: Literal["sum", "ties", "dare"] = Field(
+        description="sum: Σ wᵢ·vᵢ; ties: trim, elect sign, disjoint mean (Yadav et al. 2023); dare: random drop "
+        "with probability 1 − density, rescale by 1/density, then sum (Yu et al. 2023); see rvhub.algebra"
+    )
+    density: float | None = Field(default=None, gt=0, le=1, description="D of ties/dare, the kept fraction")
+    seed: int | None = Field(default=None, description="dare's random seed")
+    inputs: list[CombineInput] = Field(min_length=1)
+    scale: Finite = Field(default=1.0, description="α applied to the result for tensors no pattern matches")
+    scale_patterns: list[ScalePatternEntry] = Field(default_factory=list, description="per-tensor α, in order")
+    forced: bool = Field(default=False, description="combined with --force despite differing `from` fingerprints")
+
+
 class VectorCard(_Frozen):
     """Manifest of a reasoning-vector folder (``rvhub.json``)."""
 
-    schema_version: Literal[1] = Field(default=1, description="version of this schema")
+    schema_version: Literal[1, 2] = Field(default=SCHEMA_VERSION, description="version of this schema")
     rvhub_version: str = Field(default=__version__, description="the rvhub version that wrote the card")
-    formula: Literal["to - from"] = Field(default="to - from", description="v = θ_to − θ_from, per tensor")
+    formula: Literal["to - from", "combination"] = Field(
+        default="to - from",
+        description="to - from: v = θ_to − θ_from, per tensor; combination: made by rvhub combine from other "
+        "vectors, as its provenance says (source_from/source_to are then those of the first input)",
+    )
     format: Literal["sparse", "dense", "lora"] = Field(
         description="sparse: bitmask of changed elements + their deltas; dense: a full delta per tensor; "
         "lora: a PEFT LoRA adapter plus a residual file for what LoRA cannot carry"
@@ -311,7 +353,8 @@ class VectorCard(_Frozen):
     )
     exact: bool = Field(
         description="every decoded element equals fl32(to) − fl32(from) bit for bit (float64 for F64 tensors; up "
-        "to the sign of zero), so θ + α·v in float32, rounded once, is the reference on any base and α"
+        "to the sign of zero), so θ + α·v in float32, rounded once, is the reference on any base and α; for a "
+        "combination: every input was exact and every decoded element is exactly the float32 result of the formula"
     )
     source_from: ModelRef
     source_to: ModelRef
@@ -336,11 +379,18 @@ class VectorCard(_Frozen):
         default=None, pattern=r"^[a-z0-9][a-z0-9.\-]*$",
         description="Hub license id (e.g. apache-2.0, mit, other); mind the sources' licenses",
     )
+    provenance: Provenance | None = Field(
+        default=None, description="for formula 'combination' (schema 2): how rvhub combine made the vector"
+    )
 
     @model_validator(mode="after")
     def _lora_has_report(self) -> VectorCard:
         if (self.format == "lora") != (self.compression is not None):
             raise ValueError("a compression report goes with format 'lora', and only with it")
+        if (self.formula == "combination") != (self.provenance is not None):
+            raise ValueError("a provenance goes with formula 'combination', and only with it")
+        if self.provenance is not None and self.schema_version < 2:
+            raise ValueError("a provenance needs schema_version 2")
         return self
 
     @model_validator(mode="after")
@@ -410,14 +460,14 @@ class VectorCard(_Frozen):
         if not isinstance(raw, dict):
             raise VectorFormatError(where, f"{CARD_FILE} must hold a JSON object", field="")
         version = raw.get("schema_version")
-        if type(version) is not int or version != SCHEMA_VERSION:
+        if type(version) is not int or version not in READABLE_SCHEMA_VERSIONS:
             newer = type(version) is int and version > SCHEMA_VERSION
             writer = f", written by rvhub {str(raw.get('rvhub_version'))[:40]}" if raw.get("rvhub_version") else ""
             hint = "read it with a newer rvhub" if newer else "it is not an rvhub card"
             raise VectorFormatError(
                 where,
                 f"{CARD_FILE} has schema_version {version!r}{writer}; this rvhub ({__version__}) reads schema "
-                f"version {SCHEMA_VERSION} only: {hint}",
+                f"versions {' and '.join(map(str, READABLE_SCHEMA_VERSIONS))} only: {hint}",
                 field="schema_version",
             )
         try:

@@ -88,6 +88,14 @@ VocabOpt = Annotated[
 ForceOpt = Annotated[
     bool, typer.Option("--force", help="Apply even if the base fails the compatibility check (rvhub check).")
 ]
+ScalePatternOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--scale-pattern",
+        help="REGEX=α: tensors whose name REGEX is found in (re.search) get α; repeat for several, the first "
+        "match wins, --scale covers the rest. E.g. 'layers\\.(0|1|2)\\.=0.5' or mlp=1.2.",
+    ),
+]
 
 T = TypeVar("T")
 
@@ -291,6 +299,7 @@ def apply(
     device: DeviceOpt = "cpu",
     allow_vocab_mismatch: VocabOpt = False,
     force: ForceOpt = False,
+    scale_pattern: ScalePatternOpt = None,
     max_shard_size: ShardOpt = "5GB",
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
@@ -305,6 +314,7 @@ def apply(
     _run(debug, json_out, lambda: run(
         vector, base, out, scale=scale, dtype=dtype, device=device, overwrite=overwrite,
         allow_vocab_mismatch=allow_vocab_mismatch, force=force, max_shard_size=max_shard_size, progress=not quiet,
+        scale_patterns=scale_pattern,
     ), _applied)
 
 
@@ -312,10 +322,88 @@ def apply(
 
 def _applied(r: Any) -> str:
     skipped = "".join(f"; {n}: {k} vocab row(s) without delta" for n, k in r.skipped_vocab_rows.items())
+    alphas = sorted({a for a in r.scales.values()} - {r.scale})
+    per = f" (by --scale-pattern also α={', '.join(f'{a:g}' for a in alphas)})" if alphas else ""
     return (
-        f"wrote {r.out}: α={r.scale:g}, {r.tensors_changed} tensors changed, {r.tensors_copied} copied, "
+        f"wrote {r.out}: α={r.scale:g}{per}, {r.tensors_changed} tensors changed, {r.tensors_copied} copied, "
         f"{_mb(r.output_bytes)}, {r.seconds:.1f}s on {r.device}{skipped}"
     )
+
+
+class CombineMethod(str, Enum):
+    sum = "sum"
+    ties = "ties"
+    dare = "dare"
+
+
+@app.command()
+def combine(
+    vectors: Annotated[
+        list[str], typer.Argument(help="Vector folders or registry repo ids (org/name\\[@rev], pulled and verified).")
+    ],
+    out: OutOpt,
+    weights: Annotated[
+        str | None, typer.Option(help="One weight per vector, comma-separated, e.g. 1,0.5 (default: all 1).")
+    ] = None,
+    method: Annotated[
+        CombineMethod,
+        typer.Option(help="sum: Σ wᵢ·vᵢ; ties: trim to --density, elect signs, disjoint mean; dare: drop with "
+                     "probability 1 − D, rescale by 1/D, sum."),
+    ] = CombineMethod.sum,
+    density: Annotated[
+        float | None, typer.Option(help="ties/dare: the fraction of elements kept, 0 < D ≤ 1.")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="dare: the random seed (default 0).")] = None,
+    scale: Annotated[float, typer.Option("--scale", "-a", help="α multiplying the result (default 1).")] = 1.0,
+    scale_pattern: ScalePatternOpt = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Combine even if the inputs' `from` fingerprints differ.")
+    ] = False,
+    registry: RegistryOpt = None,
+    max_shard_size: ShardOpt = "2GB",
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Combine vectors into a new (sparse, exact float32) vector folder whose card records its provenance.
+
+    A single vector with --weights -1 is its negation."""
+    from .algebra import combine as run
+
+    def human(r: Any) -> str:
+        pct = 100 * r.changed_elements / max(r.elements, 1)
+        return (
+            f"wrote {r.out}: {r.method} of {len(r.inputs)} vector(s), weights {','.join(f'{w:g}' for w in r.weights)}"
+            f", {r.tensors} tensors ({r.unchanged_tensors} unchanged), {pct:.1f}% of {r.elements:,} elements "
+            f"nonzero, {r.fixups:,} fix-ups, {_mb(r.vector_bytes)}, {r.seconds:.1f}s"
+        )
+
+    _run(debug, json_out, lambda: run(
+        vectors, out, weights=weights, method=method.value, density=density, seed=seed, scale=scale,
+        scale_patterns=scale_pattern, force=force, overwrite=overwrite, registry=registry,
+        max_shard_size=max_shard_size, progress=not quiet,
+    ), human)
+
+
+@app.command()
+def inspect(
+    vector: Annotated[Path, typer.Argument(help="A vector or adapter folder.")],
+    other: Annotated[Path | None, typer.Argument(help="A second vector to compare with.")] = None,
+    from_model: Annotated[
+        str | None,
+        typer.Option("--from", help="The `from` model (folder), for ‖v‖/‖θ_from‖ per layer (default: the card's "
+                     "local `from` folder, when it still exists)."),
+    ] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write a per-layer plot to this PNG (needs rvhub[plot]).")] = None,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Norms per layer and module type, changed fraction, LoRA spectrum; with a second vector, cosine, norm
+    ratio, sign agreement and support overlap per tensor and layer."""
+    from .inspect import inspect_vector, render
+
+    _run(debug, json_out, lambda: inspect_vector(vector, other, from_model=from_model, plot=plot), render)
 
 
 @app.command()
@@ -439,6 +527,7 @@ def pull(
     dtype: DtypeOpt = None,
     device: Annotated[str | None, typer.Option(help="With --apply: cpu (default) or cuda[:N].")] = None,
     allow_vocab_mismatch: VocabOpt = False,
+    scale_pattern: ScalePatternOpt = None,
     max_shard_size: ShardOpt = "5GB",
     overwrite: OverwriteOpt = False,
     registry: RegistryOpt = None,
@@ -462,10 +551,11 @@ def pull(
             return pull_apply(
                 ref, base, out, registry=registry, scale=1.0 if scale is None else scale, dtype=dtype,
                 device=device or "cpu", overwrite=overwrite, allow_vocab_mismatch=allow_vocab_mismatch,
-                max_shard_size=max_shard_size, progress=not quiet,
+                max_shard_size=max_shard_size, progress=not quiet, scale_patterns=scale_pattern,
             )
         given = [o for o, v in (("--base", base), ("--scale", scale), ("--dtype", dtype), ("--device", device))
-                 if v is not None] + (["--allow-vocab-mismatch"] if allow_vocab_mismatch else [])
+                 if v is not None] + (["--allow-vocab-mismatch"] if allow_vocab_mismatch else []) + (
+                 ["--scale-pattern"] if scale_pattern else [])
         if given:
             raise InvalidOptionError(given[0], "without --apply", "add --apply (and -o OUT for the merged model)")
         return run(ref, registry=registry, out=out, overwrite=overwrite, progress=not quiet)

@@ -273,3 +273,20 @@ class HubModelError(RvhubError):
         self.ref = ref
         self.reason = reason
         super().__init__(f"model {ref!r} on the Hub: {reason}")
+class IncompatibleInputsError(RvhubError):
+    """The vectors given to ``combine`` (or ``inspect``) do not fit together; names the first difference."""
+
+    def __init__(self, a: str, b: str, difference: str, forceable: bool = False) -> None:
+        self.inputs = (a, b)
+        self.difference = difference
+        hint = "; --force combines them anyway" if forceable else ""
+        super().__init__(f"{a} and {b} cannot be combined: {difference}{hint}")
+
+
+class MissingExtraError(RvhubError):
+    """An optional dependency is not installed; says which extra brings it."""
+
+    def __init__(self, extra: str, package: str, purpose: str) -> None:
+        self.extra = extra
+        self.package = package
+        super().__init__(f"{purpose} needs {package}, which is not installed: pip install rvhub[{extra}]")

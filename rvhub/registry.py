@@ -18,6 +18,7 @@ import logging
 import os
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -333,15 +334,18 @@ def pull_apply(
     allow_vocab_mismatch: bool = False,
     max_shard_size: str | int = "5GB",
     progress: bool = True,
+    scale_patterns: Iterable[str] | None = None,
 ) -> PullResult:
     """``pull`` then ``apply``: write θ_base + scale·v to ``out``. Options are checked before any download.
 
     The compatibility check runs inside ``apply``.
     """
+    from .algebra import ScalePatterns
     from .apply import apply, resolve_device
 
     reg = open_registry(registry)
     check_output(Path(out), overwrite, [*reg.owned_paths(), *([Path(base)] if Path(base).exists() else [])])
+    patterns = ScalePatterns.of(scale_patterns, scale)  # a bad pattern is refused before any download
     resolve_device(device)
     if dtype is not None:
         dtype_code(dtype)
@@ -349,6 +353,7 @@ def pull_apply(
     applied = apply(
         pulled.path, base, out, scale=scale, dtype=dtype, device=device, overwrite=overwrite,
         allow_vocab_mismatch=allow_vocab_mismatch, max_shard_size=max_shard_size, progress=progress,
+        scale_patterns=patterns,
     )
     return replace(pulled, applied=applied)
 
@@ -440,6 +445,10 @@ def describe_card(card: VectorCard) -> list[str]:
         f"  form: {card.format}, {'exact' if card.exact else 'lossy'}, deltas in {dtypes}; "
         f"{len(card.tensors)} tensors changed ({changed:,} elements), {len(card.unchanged)} unchanged",
     ]
+    p = card.provenance
+    if p is not None:  # a combination: its own formula, not v1's to − from
+        lines[0:2] = [f"  v = {p.expression} ({p.method}); inputs: "
+                      + ", ".join(f"v{i + 1} = {x.ref}" for i, x in enumerate(p.inputs))]
     c = card.compression
     if c is not None:
         lines.append(

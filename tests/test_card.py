@@ -268,7 +268,7 @@ def _edited(vector, tmp_path, edit) -> Path:
                                      "scores": {"target": 0.5, "plus": "high"}}]),
      "benchmarks.0.scores.plus", ["benchmarks.0.scores.plus", "number"]),
     (lambda c: c.update(schema_version=3, rvhub_version="9.0"), "schema_version",
-     ["schema_version 3", "rvhub 9.0", "reads schema version 1", "newer rvhub"]),
+     ["schema_version 3", "rvhub 9.0", "reads schema versions 1 and 2", "newer rvhub"]),
 ])
 def test_malformed_card_names_the_field(vector, tmp_path, edit, field, says):
     vec = _edited(vector, tmp_path, edit)
