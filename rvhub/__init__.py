@@ -38,6 +38,10 @@ __all__ = [
     "open_registry",
     "HubRegistry",
     "LocalRegistry",
+    "add_vector",
+    "vector_added",
+    "evaluate_vector",
+    "EvalReport",
 ]
 
 _EXPORTS = {  # public name -> (module, name there)
@@ -63,6 +67,10 @@ _EXPORTS = {  # public name -> (module, name there)
     "open_registry": ("rvhub.registry", "open_registry"),
     "HubRegistry": ("rvhub._hub_registry", "HubRegistry"),
     "LocalRegistry": ("rvhub._local_registry", "LocalRegistry"),
+    "add_vector": ("rvhub.inmemory", "add_vector"),
+    "vector_added": ("rvhub.inmemory", "vector_added"),
+    "evaluate_vector": ("rvhub.eval", "evaluate_vector"),
+    "EvalReport": ("rvhub.eval", "EvalReport"),
 }
 
 if TYPE_CHECKING:
@@ -75,9 +83,11 @@ if TYPE_CHECKING:
     from .compat import CompatReport
     from .compat import check as check_compatibility
     from .errors import RvhubError
+    from .eval import EvalReport, evaluate_vector
     from .extract import ExtractResult
     from .extract import extract as extract_vector
     from .formats import VectorFolder
+    from .inmemory import add_vector, vector_added
     from .registry import info as vector_info
     from .registry import open_registry
     from .registry import pull as pull_vector

@@ -225,3 +225,23 @@ class DownloadIntegrityError(IntegrityError):
             f"{file} of {ref} from {where} {what}: refused, nothing was written (the bad copy was dropped "
             "from the cache; if pulling again fails the same way, the registry's copy is damaged)",
         )
+
+
+class MissingExtraError(RvhubError):
+    """An optional dependency is not installed; says which extra installs it."""
+
+    def __init__(self, feature: str, extra: str, module: str) -> None:
+        self.extra = extra
+        super().__init__(f"{feature} needs {module}, which is not installed: pip install 'rvhub[{extra}]'")
+
+
+class LoadedWeightsError(RvhubError):
+    """A loaded model's parameter differs from the tensor in the files it was loaded from (cast to its dtype),
+    so restoring it by re-reading those files would not be exact."""
+
+    def __init__(self, tensor: str, source: str) -> None:
+        self.tensor = tensor
+        super().__init__(
+            f"{tensor}: the loaded model's weights differ from {source}'s file (cast to the model's dtype); "
+            "load the model from those files unchanged, or restore from copies (restore='copy')"
+        )
