@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -176,7 +175,6 @@ def evaluate_vector(
 
     if dtype is not None:
         dtype_code(dtype)
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1") if os.environ.get("HF_HUB_OFFLINE") == "1" else None
 
     folder, own = resolve_vector(vector, registry, progress)
     from .formats import open_vector
@@ -219,7 +217,7 @@ def evaluate_vector(
     settings = dict(limit=limit, seed=seed, gen_kwargs=gen_kwargs, dtype=runner.dtype_name,
                     chat_template=apply_chat_template, version=runner.harness_version)
     deltas = build_deltas(results, runs, task_list, alpha, sweep, control, control_seed, tgt.ref.id, settings, seed)
-    plot_bytes = _plot(deltas, alpha) if len(sweep) > 1 or (sweep and sweep != [alpha]) else None
+    plot_bytes = _plot(deltas, alpha) if sweep else None
     written = False
     notes: list[str] = []
     if write_card and own:
