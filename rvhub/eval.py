@@ -240,6 +240,9 @@ def evaluate_vector(
     )
 
 
+_TASK_MANAGERS: dict[str | None, Any] = {}
+
+
 def _task_manager(lm_eval: Any, include_path: str | Path | None, tasks: list[str]) -> Any:
     """lm-eval's TaskManager over its own tasks and ``include_path``; unknown task names are refused with
     where they were looked for."""
@@ -247,7 +250,10 @@ def _task_manager(lm_eval: Any, include_path: str | Path | None, tasks: list[str
 
     if include_path is not None and not Path(include_path).is_dir():
         raise InvalidOptionError("--include-path", str(include_path), "a folder of task YAML files")
-    tm = TaskManager(include_path=str(include_path) if include_path is not None else None)
+    key = str(Path(include_path).resolve()) if include_path is not None else None
+    if key not in _TASK_MANAGERS:  # indexing lm-eval's thousands of task YAMLs takes seconds: once per process
+        _TASK_MANAGERS[key] = TaskManager(include_path=key)
+    tm = _TASK_MANAGERS[key]
     known = set(tm.all_tasks)
     unknown = [t for t in tasks if t not in known]
     if unknown:

@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         by_hand.append(run_once([sys.executable, str(ctl), str(vec), str(trio.target), str(merged["control"])],
                                 logs / "control.log"))
         for label, folder in (("target", trio.target), *merged.items()):
-            cmd = [args.lm_eval, "run", "--model", "hf", "--model_args", f"pretrained={folder},dtype=bfloat16",
+            cmd = [args.lm_eval, "run", "--model", "hf", "--model_args", f"pretrained={folder}", "dtype=bfloat16",
                    *common]
             by_hand.append(run_once(cmd, logs / f"lm_eval_{label}.log"))
         total = Measurement.combine(by_hand)
