@@ -43,6 +43,10 @@ __all__ = [
     "ScalePatterns",
     "inspect_vector",
     "InspectReport",
+    "add_vector",
+    "vector_added",
+    "evaluate_vector",
+    "EvalReport",
 ]
 
 _EXPORTS = {  # public name -> (module, name there)
@@ -73,6 +77,10 @@ _EXPORTS = {  # public name -> (module, name there)
     "ScalePatterns": ("rvhub.algebra", "ScalePatterns"),
     "inspect_vector": ("rvhub.inspect", "inspect_vector"),
     "InspectReport": ("rvhub.inspect", "InspectReport"),
+    "add_vector": ("rvhub.inmemory", "add_vector"),
+    "vector_added": ("rvhub.inmemory", "vector_added"),
+    "evaluate_vector": ("rvhub.eval", "evaluate_vector"),
+    "EvalReport": ("rvhub.eval", "EvalReport"),
 }
 
 if TYPE_CHECKING:
@@ -87,9 +95,11 @@ if TYPE_CHECKING:
     from .compat import CompatReport
     from .compat import check as check_compatibility
     from .errors import RvhubError
+    from .eval import EvalReport, evaluate_vector
     from .extract import ExtractResult
     from .extract import extract as extract_vector
     from .formats import VectorFolder
+    from .inmemory import add_vector, vector_added
     from .inspect import InspectReport, inspect_vector
     from .registry import info as vector_info
     from .registry import open_registry

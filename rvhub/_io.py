@@ -327,6 +327,13 @@ def write_text(path: Path, text: str) -> None:
         os.fsync(fh.fileno())
 
 
+def write_bytes(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 def copy_file(src: Path, dst: Path) -> None:
     """Copy a small file and fsync it (part of an atomic output folder)."""
     shutil.copyfile(src, dst)

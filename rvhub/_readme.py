@@ -222,6 +222,22 @@ def _delta_row(d: BenchmarkDelta) -> dict[str, str]:
     }
 
 
+def _test_rows(card: VectorCard) -> list[dict[str, str]]:
+    return [
+        {"benchmark": _cell(d.benchmark), "metric": _cell(d.metric), "against": t.against,
+         "diff": f"{t.diff:+.4g}", "method": t.method + (f" ({t.plus_only}/{t.other_only} discordant)"
+                                                        if t.plus_only is not None else ""),
+         "p": f"{t.p_value:.3g}", "verdict": "yes" if t.distinguishable else "no"}
+        for d in card.benchmarks for t in d.tests
+    ]
+
+
+def _sweep_text(d: BenchmarkDelta) -> str:
+    points = ", ".join(f"α={p.scale:g}: {_num(p.score)}" for p in d.sweep)
+    best = f", best α = {d.best_scale:g}" if d.best_scale is not None else ""
+    return _cell(f"{d.benchmark} {d.metric}: {points}{best}")
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.2f}%"
 
@@ -261,6 +277,9 @@ def _context(card: VectorCard, repo_id: str | None) -> dict[str, Any]:
         "any_stderr": any(d.stderr for d in card.benchmarks),
         "all_control": all(d.scores.control is not None for d in card.benchmarks),
         "any_control": any(d.scores.control is not None for d in card.benchmarks),
+        "tests": _test_rows(card),
+        "sweeps": [_sweep_text(d) for d in card.benchmarks if d.sweep],
+        "plot": next((f.path for f in card.files if f.path == "eval.png"), None),
         "comp": card.compression,
         "fp": fp,
         "card_json": _escape_json(card.model_dump_json()),

@@ -265,6 +265,12 @@ class HarnessSettings(_Frozen):
     system_instruction: str | None = Field(default=None, description="system prompt, if any")
     prompt: str | None = Field(default=None, description="the prompt template (e.g. the task's doc_to_text)")
     filter: str | None = Field(default=None, description="answer filter, e.g. strict-match or flexible-extract")
+    task_version: str | None = Field(default=None, description="the task's version, as the harness reports it")
+    task_hash: str | None = Field(default=None, description="the harness's hash of the task's data and prompts")
+    limit: float | None = Field(default=None, gt=0, description="--limit: examples (or fraction) per task")
+    seed: int | None = Field(default=None, description="the harness's random seeds (python, numpy, torch, few-shot)")
+    gen_kwargs: str | None = Field(default=None, description="generation arguments of generate_until tasks")
+    dtype: str | None = Field(default=None, description="dtype the model ran in")
 
 
 class Scores(_Frozen):
@@ -276,6 +282,30 @@ class Scores(_Frozen):
     control: Finite | None = Field(
         default=None, description="target + α·r, r a random vector with the norm of v (the control)"
     )
+
+
+class PairedTest(_Frozen):
+    """A paired test of target + α·v against another run, on per-example results of the same examples."""
+
+    against: Literal["target", "control"] = Field(description="the run +α·v is compared with")
+    method: Literal["mcnemar", "bootstrap"] = Field(
+        description="mcnemar: exact McNemar test (0/1 metrics); bootstrap: seeded paired bootstrap of the mean"
+    )
+    n: int = Field(ge=0, description="paired examples")
+    diff: Finite = Field(description="mean score of +α·v minus that of the other run")
+    p_value: float = Field(ge=0, le=1, description="two-sided p-value (McNemar: exact)")
+    mid_p: float | None = Field(default=None, ge=0, le=1, description="McNemar mid-p value")
+    plus_only: int | None = Field(default=None, ge=0, description="McNemar: examples right with +α·v only")
+    other_only: int | None = Field(default=None, ge=0, description="McNemar: examples right in the other run only")
+    distinguishable: bool = Field(description="p_value < 0.05: the difference is distinguishable from noise")
+
+
+class SweepPoint(_Frozen):
+    """The score of target + α·v at one α of a sweep."""
+
+    scale: Finite
+    score: Finite
+    stderr: Finite | None = None
 
 
 class BenchmarkDelta(_Frozen):
@@ -290,6 +320,14 @@ class BenchmarkDelta(_Frozen):
     scale: Finite = Field(default=1.0, description="α used for the +αv, −αv and control runs")
     scores: Scores
     stderr: Scores | None = Field(default=None, description="standard errors of the scores, when known")
+    control_kind: Literal["gaussian", "permute"] | None = Field(
+        default=None, description="how the control r was made: per-tensor Gaussian or v's values shuffled per "
+        "tensor, both with v's per-tensor L2 norm"
+    )
+    control_seed: int | None = Field(default=None, description="seed of the control")
+    tests: list[PairedTest] = Field(default_factory=list, description="paired tests of +α·v against other runs")
+    sweep: list[SweepPoint] = Field(default_factory=list, description="+α·v scores over a sweep of α")
+    best_scale: Finite | None = Field(default=None, description="the α of the sweep with the best score")
 
     @property
     def key(self) -> tuple[str, str, str | None, str]:
@@ -404,7 +442,7 @@ class VectorCard(_Frozen):
             raise ValueError(f"{both[0]!r} is listed in unchanged but has changed elements in tensors")
         return self
 
-    def write(self, folder: Path, files: Mapping[str, str] | None = None) -> None:
+    def write(self, folder: Path, files: Mapping[str, str | bytes] | None = None) -> None:
         """Write ``rvhub.json`` and ``README.md`` (rendered from this card) together, so they always agree.
 
         Both are written to hidden temporary files and fsynced before either is renamed into place; neither
@@ -493,16 +531,19 @@ def _explain(err: Any) -> str:
     return f"field {loc}: {err['msg']} (got {got})"
 
 
-def _replace_files(folder: Path, contents: dict[str, str]) -> None:
+def _replace_files(folder: Path, contents: Mapping[str, str | bytes]) -> None:
     """Write every file to a temporary sibling and fsync it, then rename them all into place."""
-    from ._io import write_text
+    from ._io import write_bytes, write_text
 
     tmps = {}
     try:
         for name, text in contents.items():
             tmp = folder / f".{name}.rvhub-tmp-{os.getpid()}-{os.urandom(4).hex()}"
             tmps[name] = tmp
-            write_text(tmp, text)
+            if isinstance(text, bytes):
+                write_bytes(tmp, text)
+            else:
+                write_text(tmp, text)
         for name, tmp in tmps.items():
             os.replace(tmp, folder / name)
     finally:

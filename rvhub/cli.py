@@ -320,6 +320,83 @@ def apply(
 
 
 
+@app.command("eval")
+def eval_(
+    vector: Annotated[str, typer.Argument(help="A vector or adapter folder, or a registry repo id org/name[@rev].")],
+    base: Annotated[str, typer.Option("--base", help="The target model: folder or org/name\\[@rev].")],
+    tasks: Annotated[str, typer.Option("--tasks", help="lm-eval task names, comma-separated.")],
+    scale: Annotated[
+        float | None, typer.Option("--scale", "-a", help="α of the ±α·v and control runs (default: the card's).")
+    ] = None,
+    scales: Annotated[
+        str | None, typer.Option("--scales", help="Sweep α, e.g. 0.25,0.5,1,1.5: +α·v at each; best α per task.")
+    ] = None,
+    control: Annotated[
+        str, typer.Option("--control", help="Control r with v's per-tensor norm: gaussian, permute or none.")
+    ] = "gaussian",
+    control_seed: Annotated[int, typer.Option("--control-seed", help="Seed of the control.")] = 0,
+    no_minus: Annotated[bool, typer.Option("--no-minus", help="Skip the target − α·v run.")] = False,
+    include_path: Annotated[
+        Path | None, typer.Option("--include-path", help="A folder of local lm-eval task YAMLs.")
+    ] = None,
+    limit: Annotated[float | None, typer.Option("--limit", help="Examples per task (or a fraction < 1).")] = None,
+    num_fewshot: Annotated[int | None, typer.Option("--num-fewshot", help="Few-shot examples per prompt.")] = None,
+    apply_chat_template: Annotated[
+        bool, typer.Option("--apply-chat-template", help="Format prompts with the target's chat template.")
+    ] = False,
+    batch_size: Annotated[str, typer.Option("--batch-size", help="lm-eval batch size (a number or auto).")] = "1",
+    gen_kwargs: Annotated[
+        str | None, typer.Option("--gen-kwargs", help="Generation arguments, e.g. temperature=0,max_gen_toks=256.")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="lm-eval's random seeds (python, numpy, torch, few-shot).")] = 0,
+    device: DeviceOpt = "cpu",
+    dtype: Annotated[
+        str | None, typer.Option(help="dtype to run the model in (default: the target's own).")
+    ] = None,
+    output_dir: Annotated[
+        Path | None, typer.Option("--output-dir", help="Write the harness's results and per-sample logs here.")
+    ] = None,
+    no_card: Annotated[bool, typer.Option("--no-card", help="Do not write the deltas into the card.")] = False,
+    allow_vocab_mismatch: VocabOpt = False,
+    force: ForceOpt = False,
+    registry: RegistryOpt = None,
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Measure what the vector does: lm-eval on the target, +α·v, −α·v and a random control, in memory.
+
+    One model load, no merged model on disk; paired tests say which differences are distinguishable from
+    noise. The deltas go into the card (rvhub.json, README.md; a sweep's plot into eval.png). Needs
+    `pip install 'rvhub[eval]'`."""
+    from .eval import evaluate_vector, noise_table
+
+    def human(r: Any) -> str:
+        from .card import BenchmarkDelta
+
+        lines = [f"{'run':<14} {'task':<20} {'metric':<22} {'score':>8} {'stderr':>8} {'n':>6}"]
+        for row in r.runs:
+            err = f"{row['stderr']:.4f}" if row["stderr"] is not None else "–"
+            lines.append(f"{row['run']:<14} {row['task'][:20]:<20} {row['metric'][:22]:<22} {row['score']:>8.4f} "
+                         f"{err:>8} {row['n'] if row['n'] is not None else '–':>6}")
+        lines += ["", *noise_table([BenchmarkDelta.model_validate(d) for d in r.deltas])]
+        lines += [f"best α for {k}: {v:g}" for k, v in r.best_scales.items()]
+        lines.append(("card updated: " + r.vector) if r.card_written else "card not written")
+        if r.plot:
+            lines.append(f"plot: {r.plot}")
+        lines += r.notes
+        return "\n".join(lines) + f"\n{r.seconds:.1f}s"
+
+    bs: int | str = int(batch_size) if batch_size.isdigit() else batch_size
+    _run(debug, json_out, lambda: evaluate_vector(
+        vector, base, tasks.split(","), scale=scale, scales=scales, control=control, control_seed=control_seed,
+        minus=not no_minus, include_path=include_path, limit=limit, num_fewshot=num_fewshot,
+        apply_chat_template=apply_chat_template, batch_size=bs, gen_kwargs=gen_kwargs, seed=seed, device=device,
+        dtype=dtype, force=force, allow_vocab_mismatch=allow_vocab_mismatch, registry=registry,
+        output_dir=output_dir, write_card=not no_card, progress=not quiet,
+    ), human)
+
+
 def _applied(r: Any) -> str:
     skipped = "".join(f"; {n}: {k} vocab row(s) without delta" for n, k in r.skipped_vocab_rows.items())
     alphas = sorted({a for a in r.scales.values()} - {r.scale})

@@ -284,9 +284,20 @@ class IncompatibleInputsError(RvhubError):
 
 
 class MissingExtraError(RvhubError):
-    """An optional dependency is not installed; says which extra brings it."""
+    """An optional dependency is not installed; says which extra installs it."""
 
-    def __init__(self, extra: str, package: str, purpose: str) -> None:
+    def __init__(self, feature: str, extra: str, module: str) -> None:
         self.extra = extra
-        self.package = package
-        super().__init__(f"{purpose} needs {package}, which is not installed: pip install rvhub[{extra}]")
+        super().__init__(f"{feature} needs {module}, which is not installed: pip install 'rvhub[{extra}]'")
+
+
+class LoadedWeightsError(RvhubError):
+    """A loaded model's parameter differs from the tensor in the files it was loaded from (cast to its dtype),
+    so restoring it by re-reading those files would not be exact."""
+
+    def __init__(self, tensor: str, source: str) -> None:
+        self.tensor = tensor
+        super().__init__(
+            f"{tensor}: the loaded model's weights differ from {source}'s file (cast to the model's dtype); "
+            "load the model from those files unchanged, or restore from copies (restore='copy')"
+        )

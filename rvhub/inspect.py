@@ -289,7 +289,7 @@ def _pyplot() -> Any:
     try:
         import matplotlib
     except ImportError:
-        raise MissingExtraError("plot", "matplotlib", "inspect --plot") from None
+        raise MissingExtraError("inspect --plot", "plot", "matplotlib") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

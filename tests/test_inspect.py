@@ -99,7 +99,7 @@ def test_plot_writes_a_png_and_a_missing_matplotlib_says_which_extra(two, tmp_pa
     data = (tmp_path / "p.png").read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and r.plot == str(tmp_path / "p.png")
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    with pytest.raises(MissingExtraError, match=r"pip install rvhub\[plot\]"):
+    with pytest.raises(MissingExtraError, match=r"pip install 'rvhub\[plot\]'"):
         inspect_vector(v1, plot=tmp_path / "q.png")
     assert not (tmp_path / "q.png").exists()
 

@@ -1,0 +1,260 @@
+"""θ + α·v on a loaded transformers model, in place: the weights ``rvhub apply`` would write, bit for bit.
+
+The deltas come from the same decoders apply uses (``delta_chunks`` of a vector or adapter folder, one row
+block at a time) and are added the same way: the block is taken to float32 (float64 for a float64 tensor),
+``DeltaChunk.add_to`` adds it, and the sum is rounded once to the parameter's dtype. Which tensor takes which
+delta (tied embeddings, vocabulary rows, shapes) is decided by :func:`rvhub.apply.plan_apply` on a view of
+the model's state dict, so tying is handled exactly as apply handles it: a tied model's one embedding
+matrix takes the embedding delta once, and a vector with an ``lm_head`` delta is refused for it.
+
+Restoring (:func:`vector_added`) is exact in one of two ways:
+
+- ``restore="copy"`` (the default without a source): the touched parameters are copied to CPU memory first
+  and copied back after. Cost: the bytes of every tensor the vector touches, in host memory (for a vector
+  over all weights, one more copy of the model).
+- ``restore=ModelSource`` (what ``rvhub eval`` uses): the touched tensors are read again from the files the
+  model was loaded from and cast to the parameter's dtype. Cost: no extra memory beyond one row block, one
+  read of the touched tensors per restore. Only valid when the loaded weights equal the files cast to the
+  parameters' dtype; :func:`check_loaded` verifies that once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+import torch
+
+from ._io import TORCH_TO_ST
+from .card import ModelRef
+from .errors import InvalidOptionError, LoadedWeightsError
+from .formats import DeltaChunk, check_finite, open_vector, work_dtype
+from .sources import CHUNK_ELEMS, ModelSource, TensorInfo, row_blocks
+
+if TYPE_CHECKING:
+    from .card import TensorEntry, VectorCard
+
+ControlKind = Literal["gaussian", "permute", "none"]
+
+
+class Deltas(Protocol):
+    """What can be added: a vector or adapter folder, or a control built from one."""
+
+    @property
+    def entries(self) -> Mapping[str, TensorEntry]: ...
+
+    @property
+    def card(self) -> VectorCard: ...
+
+    def delta_chunks(
+        self, name: str, rows: int, chunk_elems: int, scale: float, work: torch.dtype
+    ) -> Iterator[DeltaChunk]: ...
+
+
+@dataclass(frozen=True)
+class AddResult:
+    """What :func:`add_vector` changed."""
+
+    scale: float
+    tensors_changed: list[str]
+    skipped_vocab_rows: dict[str, int]
+
+
+def _params(model: Any) -> dict[str, torch.Tensor]:
+    """Every tensor of the model's state dict, by checkpoint name (a tied head and embedding share one)."""
+    return dict(model.state_dict(keep_vars=True))
+
+
+def _view(model: Any, params: Mapping[str, torch.Tensor]) -> ModelSource:
+    """A ModelSource-shaped description of a loaded model, for plan_apply (it reads no file)."""
+    tensors = {
+        name: TensorInfo(name, TORCH_TO_ST.get(t.dtype, "I64"), tuple(t.shape), Path())
+        for name, t in params.items() if t.dtype in TORCH_TO_ST
+    }
+    config = model.config.to_dict() if hasattr(model, "config") else {}
+    return ModelSource(ModelRef(kind="local", id="the loaded model"), Path(), tensors, config)
+
+
+def plan_model(model: Any, vec: Deltas, allow_vocab_mismatch: bool = False) -> tuple[dict[str, str], dict[str, int]]:
+    """(parameter name -> vector entry whose delta it takes, vocab rows skipped), as apply would plan it."""
+    from .apply import plan_apply
+
+    params = _params(model)
+    jobs, skipped = plan_apply(vec, _view(model, params), None, allow_vocab_mismatch)  # type: ignore[arg-type]
+    return {j.name: j.source for j in jobs if j.source is not None}, skipped
+
+
+def _blocks(shape: tuple[int, ...], chunk_elems: int) -> list[tuple[int, int]]:
+    """Flat element ranges of the chunks ModelSource.iter_chunks yields for this shape."""
+    numel = math.prod(shape)
+    blocks = row_blocks(shape, chunk_elems) if shape and numel else []
+    if len(blocks) <= 1:
+        return [(0, numel)]
+    row = math.prod(shape[1:])
+    return [(a * row, b * row) for a, b in blocks]
+
+
+def _add_tensor(param: torch.Tensor, vec: Deltas, source: str, scale: float, chunk_elems: int) -> None:
+    data = param.data
+    if not data.is_contiguous():
+        raise InvalidOptionError("model", source, "parameters must be contiguous to take a vector in place")
+    flat = data.view(-1)
+    code = TORCH_TO_ST[data.dtype]
+    work = work_dtype(code, vec.entries[source].source_dtype)
+    rows = data.shape[0] if data.dim() else 1
+    deltas = vec.delta_chunks(source, rows, chunk_elems, scale, work)
+    for (lo, hi), d in zip(_blocks(tuple(data.shape), chunk_elems), deltas, strict=True):
+        acc = flat[lo:hi].to(work, copy=True)
+        d.add_to(acc)
+        res = acc.to(data.dtype)
+        check_finite(source, res, "model or vector, after adding")
+        flat[lo:hi].copy_(res)
+
+
+@torch.no_grad()
+def add_vector(
+    model: Any,
+    vector: str | Path | Deltas,
+    scale: float = 1.0,
+    *,
+    allow_vocab_mismatch: bool = False,
+    chunk_elems: int = CHUNK_ELEMS,
+) -> AddResult:
+    """Add ``scale``·v to a loaded transformers model's parameters in place, on whatever device they are on.
+
+    float32 arithmetic, rounded once to each parameter's dtype: the weights equal what ``rvhub apply`` writes
+    for the same base, scale and dtype, bit for bit. ``vector``: a vector or adapter folder (its files are
+    checked against the card first) or an opened one. To undo it exactly, use :func:`vector_added`.
+    """
+    if not math.isfinite(scale):
+        raise InvalidOptionError("scale", scale, "must be a finite number")
+    vec = open_vector(Path(vector)) if isinstance(vector, str | Path) else vector
+    plan, skipped = plan_model(model, vec, allow_vocab_mismatch)
+    params = _params(model)
+    for name, source in plan.items():
+        _add_tensor(params[name], vec, source, scale, chunk_elems)
+    return AddResult(scale, sorted(plan), skipped)
+
+
+@contextmanager
+def vector_added(
+    model: Any,
+    vector: str | Path | Deltas,
+    scale: float = 1.0,
+    *,
+    restore: Literal["copy"] | ModelSource = "copy",
+    allow_vocab_mismatch: bool = False,
+) -> Iterator[AddResult]:
+    """``with vector_added(model, VEC, α):`` the model holds θ + α·v inside, its original weights after (bit
+    for bit, also when the block raises). ``restore``: ``"copy"`` keeps CPU copies of the touched tensors;
+    a :class:`ModelSource` of the files the model was loaded from re-reads them instead (no extra memory)."""
+    vec = open_vector(Path(vector)) if isinstance(vector, str | Path) else vector
+    plan, _ = plan_model(model, vec, allow_vocab_mismatch)
+    params = _params(model)
+    copies: dict[str, torch.Tensor] = {}
+    if restore == "copy":
+        copies = {name: params[name].detach().to("cpu", copy=True) for name in plan}
+    try:
+        yield add_vector(model, vec, scale, allow_vocab_mismatch=allow_vocab_mismatch)
+    finally:
+        with torch.no_grad():
+            for name in plan:
+                p = params[name].data
+                if isinstance(restore, ModelSource):
+                    p.copy_(restore.read(name).to(p.dtype))
+                else:
+                    p.copy_(copies[name])
+
+
+def check_loaded(model: Any, source: ModelSource, names: list[str]) -> None:
+    """Raise LoadedWeightsError unless each named parameter equals the source's tensor cast to its dtype
+    (what restoring by re-reading assumes)."""
+    params = _params(model)
+    for name in names:
+        p = params[name].detach()
+        if not torch.equal(p.cpu(), source.read(name).to(p.dtype)):
+            raise LoadedWeightsError(name, str(source.ref.id))
+
+
+# ---------------------------------------------------------------- controls
+
+
+def _dense(vec: Deltas, name: str) -> torch.Tensor:
+    """The whole delta of ``name`` in float32 (float64 for float64 tensors), flat, in the vector's shape."""
+    entry = vec.entries[name]
+    work = work_dtype(entry.source_dtype)
+    shape = tuple(entry.shape)
+    out = torch.zeros(math.prod(shape), dtype=work)
+    rows = shape[0] if shape else 1
+    for (lo, _), d in zip(_blocks(shape, CHUNK_ELEMS), vec.delta_chunks(name, rows, CHUNK_ELEMS, 1.0, work),
+                          strict=True):
+        d.add_to(out[lo:])
+    return out
+
+
+def _seed(seed: int, name: str) -> int:
+    """A per-tensor seed: the control of one tensor does not depend on which other tensors the vector has."""
+    digest = hashlib.sha256(f"{seed}\0{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class Control:
+    """A seeded random vector r with v's per-tensor L2 norm, built lazily one tensor at a time.
+
+    ``gaussian``: per tensor, standard normal noise rescaled to ‖v_t‖₂ (the construction of the paper's
+    authors). ``permute``: v's own values of each tensor, shuffled within the tensor.
+    """
+
+    def __init__(self, vec: Deltas, kind: Literal["gaussian", "permute"], seed: int = 0):
+        self.vec = vec
+        self.kind = kind
+        self.seed = seed
+        self._entries = vec.entries
+        self._cache: tuple[str, torch.Tensor] | None = None
+
+    @property
+    def entries(self) -> Mapping[str, TensorEntry]:
+        return self._entries
+
+    @property
+    def card(self) -> VectorCard:
+        """The card of the vector whose norms r takes (plan_apply reads its tying)."""
+        return self.vec.card
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """r for tensor ``name``, flat, float32 (float64 for float64 tensors)."""
+        if self._cache is not None and self._cache[0] == name:
+            return self._cache[1]
+        v = _dense(self.vec, name)
+        gen = torch.Generator().manual_seed(_seed(self.seed, name))
+        if self.kind == "permute":
+            r = v[torch.randperm(v.numel(), generator=gen)]
+        else:
+            r = torch.randn(v.numel(), generator=gen, dtype=v.dtype)
+            norm_v = float(v.double().norm())
+            norm_r = float(r.double().norm())
+            r = r * (norm_v / norm_r) if norm_r > 0 else torch.zeros_like(r)
+        self._cache = (name, r)
+        return r
+
+    def delta_chunks(
+        self, name: str, rows: int, chunk_elems: int, scale: float, work: torch.dtype
+    ) -> Iterator[DeltaChunk]:
+        """α·r in the row blocks of a target with ``rows`` rows, as VectorFolder.delta_chunks (dense)."""
+        entry = self.entries[name]
+        vrows = entry.shape[0] if entry.shape else 1
+        row = math.prod(entry.shape[1:])
+        r = self.tensor(name)
+        shape = (rows, *entry.shape[1:]) if entry.shape else ()
+        none = torch.empty(0, dtype=torch.int64)
+        for lo, hi in _blocks(shape, chunk_elems):
+            a, b = (lo // row, hi // row) if entry.shape and row else (0, vrows)
+            values = r[a * row : min(b, vrows) * row].to(work, copy=True) if b > a else torch.empty(0, dtype=work)
+            if scale != 1.0:
+                values.mul_(scale)
+            yield DeltaChunk(None, values, none, torch.empty(0, dtype=work))

@@ -1,0 +1,154 @@
+"""rvhub.add_vector / vector_added: in-memory θ + α·v equals `rvhub apply`'s output bit for bit; restoring is
+exact; the control has v's per-tensor norms."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import EMBED, HEAD, assert_bitwise_equal, load_tensors, write_model
+
+from rvhub import add_vector, vector_added
+from rvhub.apply import apply
+from rvhub.compress import compress
+from rvhub.errors import InvalidOptionError, TiedEmbeddingError
+from rvhub.formats import open_vector
+from rvhub.inmemory import Control
+from rvhub.sources import open_model
+
+
+def _load(folder, dtype=None):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype or "auto")
+
+
+def _state(model) -> dict[str, torch.Tensor]:
+    """The model's tensors as a checkpoint holds them (a tied head is not stored)."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop(HEAD, None)
+    return state
+
+
+@pytest.mark.parametrize("name", ["qwen2_hard", "llama_plain"])
+@pytest.mark.parametrize("scale", [1.0, -0.5])
+def test_add_vector_is_apply_bit_for_bit_and_restores(trio, vector, tmp_path, name, scale):
+    t = trio(name)
+    vec = vector(name)
+    applied = load_tensors(Path(apply(vec, str(t.target), tmp_path / "out", scale=scale, progress=False).out))
+    model = _load(t.target)
+    original = _state(model)
+    assert_bitwise_equal(original, load_tensors(t.target), "loaded target")
+
+    with vector_added(model, vec, scale) as result:
+        assert_bitwise_equal(_state(model), applied, f"{name} in memory vs apply, α={scale}")
+        assert result.tensors_changed
+    assert_bitwise_equal(_state(model), original, "restored from copies")
+
+    with vector_added(model, vec, scale, restore=open_model(str(t.target))):
+        assert_bitwise_equal(_state(model), applied, "second time")
+    assert_bitwise_equal(_state(model), original, "restored by re-reading the target's files")
+
+
+def test_tied_model_takes_the_embedding_delta_once(trio, vector):
+    t = trio("qwen2_plain")
+    model = _load(t.target)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    before = model.model.embed_tokens.weight.detach().clone()
+    add_vector(model, vector("qwen2_plain"), 1.0)
+    delta = open_vector(vector("qwen2_plain")).dense(EMBED)
+    assert torch.equal(model.model.embed_tokens.weight, (before.float() + delta).to(before.dtype))
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_tied_vector_moves_the_head_of_an_untied_model(trio, vector, tmp_path):
+    t = trio("qwen2_plain")
+    target = load_tensors(t.target)
+    untied = write_model(t.target, tmp_path / "untied", {**target, HEAD: target[EMBED].clone()},
+                         tie_word_embeddings=False)
+    applied = load_tensors(Path(apply(vector("qwen2_plain"), str(untied), tmp_path / "out", progress=False).out))
+    model = _load(untied)
+    add_vector(model, vector("qwen2_plain"))
+    assert_bitwise_equal(_state(model), applied, "untied model")
+
+
+def test_adapter_folder_in_memory_equals_apply(lowrank, tmp_path):
+    trio, vec = lowrank("llama")
+    ad = compress(vec, tmp_path / "ad", rank=3, progress=False).out
+    applied = load_tensors(Path(apply(ad, str(trio.target), tmp_path / "out", progress=False).out))
+    model = _load(trio.target)
+    add_vector(model, ad, 1.0)
+    assert_bitwise_equal(_state(model), applied, "adapter in memory vs apply")
+
+
+def test_float32_model_of_a_bf16_target_equals_apply_with_dtype(trio, vector, tmp_path):
+    t = trio("qwen2_hard")
+    applied = load_tensors(Path(apply(vector("qwen2_hard"), str(t.target), tmp_path / "o", dtype="float32",
+                                      progress=False).out))
+    model = _load(t.target, torch.float32)
+    add_vector(model, vector("qwen2_hard"), 1.0)
+    assert_bitwise_equal(_state(model), applied, "float32")
+
+
+def test_refusals(trio, vector, tmp_path):
+    t = trio("qwen2_plain")
+    model = _load(t.target)
+    with pytest.raises(InvalidOptionError, match="finite"):
+        add_vector(model, vector("qwen2_plain"), math.inf)
+    # a vector with an lm_head delta cannot go into a tied model, as in apply
+    sft = load_tensors(t.sft)
+    sft_untied = write_model(t.sft, tmp_path / "su", {**sft, HEAD: sft[EMBED].clone()}, tie_word_embeddings=False)
+    rl = {k: v.clone() for k, v in sft.items()}
+    rl[HEAD] = (sft[EMBED].float() + 0.01).to(sft[EMBED].dtype)
+    rl_untied = write_model(t.sft, tmp_path / "ru", rl, tie_word_embeddings=False)
+    from rvhub.extract import extract
+
+    extract(str(sft_untied), str(rl_untied), tmp_path / "v", progress=False)
+    with pytest.raises(TiedEmbeddingError):
+        add_vector(model, tmp_path / "v")
+    assert_bitwise_equal(_state(model), load_tensors(t.target), "nothing changed")
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "permute"])
+def test_control_has_the_per_tensor_norms_of_v(vector, kind):
+    vec = open_vector(vector("llama_plain"))
+    control = Control(vec, kind, seed=0)
+    for name in vec.entries:
+        v = vec.dense(name).reshape(-1)
+        r = control.tensor(name)
+        assert r.shape == v.shape and not torch.equal(r, v)
+        if kind == "permute":
+            assert torch.equal(torch.sort(r).values, torch.sort(v).values)
+        else:
+            assert float(r.double().norm()) == pytest.approx(float(v.double().norm()), rel=1e-6)
+    again = Control(vec, kind, seed=0).tensor(next(iter(vec.entries)))
+    assert torch.equal(again, Control(vec, kind, seed=0).tensor(next(iter(vec.entries))))
+    assert not torch.equal(again, Control(vec, kind, seed=1).tensor(next(iter(vec.entries))))
+
+
+def test_control_in_memory_is_target_plus_alpha_r(trio, vector):
+    t = trio("llama_plain")
+    vec = open_vector(vector("llama_plain"))
+    control = Control(vec, "gaussian", seed=3)
+    model = _load(t.target)
+    before = _state(model)
+    add_vector(model, control, 0.5)
+    after = _state(model)
+    for name in vec.entries:
+        r = control.tensor(name).reshape(before[name].shape)
+        assert torch.equal(after[name], (before[name].float() + 0.5 * r).to(before[name].dtype))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_model_equals_apply(trio, vector, tmp_path):
+    t = trio("qwen2_hard")
+    applied = load_tensors(Path(apply(vector("qwen2_hard"), str(t.target), tmp_path / "o", progress=False).out))
+    model = _load(t.target).to("cuda")
+    original = {k: v.cpu() for k, v in _state(model).items()}
+    with vector_added(model, vector("qwen2_hard"), 1.0, restore=open_model(str(t.target))):
+        assert_bitwise_equal({k: v.cpu() for k, v in _state(model).items()}, applied, "cuda in memory")
+    assert_bitwise_equal({k: v.cpu() for k, v in _state(model).items()}, original, "cuda restored")
