@@ -63,9 +63,11 @@ class Hostile:
         if step == "list_models" and (self.models_object or self.extra_ids):
             listed: list[Any] = [{"id": i, "modelId": i, "sha": "0" * 40, "tags": ["reasoning-vector"]}
                                  for i in self.extra_ids]
-            with h.hub.lock:
+            with h.hub.lock:  # then the honest list: the repos with the tags asked for
                 for repo in h.hub.repos.values():
-                    listed.append(h._summary(repo, repo.commits[repo.branches["main"]]))
+                    info = h._summary(repo, repo.commits[repo.branches["main"]])
+                    if all(t in info["tags"] for t in h.query.get("filter", [])):
+                        listed.append(info)
             h._send_json(200, {"models": listed} if self.models_object else listed)
             return 200
         if step == "model_info" and self.null_sha:

@@ -295,7 +295,7 @@ def test_a_null_commit_and_a_model_list_that_is_an_object(request, hub, hub_env,
 def test_one_bad_id_from_the_server_does_not_end_search_base(request, hub, hub_env, vector, trio):
     repo = published(request, vector, hub_env)
     hub.hostile = Hostile(extra_ids=["evil/new\nline", "evil/n\u00e4me", "evil/../x"])
-    result = invoke("search", "--base", trio("qwen2_plain").target, "--json")
+    result = invoke("search", "--base", trio("qwen2_plain").target, "--limit", 1000, "--json")
     assert result.exit_code == 0, result.stderr
     found = json.loads(result.stdout)
     assert repo in [h["repo_id"] for h in found["hits"]]
