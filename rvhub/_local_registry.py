@@ -53,7 +53,7 @@ from .registry import PushResult, Registry, Upload, VectorRef, check_repo_id, ch
 
 logger = logging.getLogger(__name__)
 
-_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+_COMMIT = re.compile(r"[0-9a-f]{40}")  # matched in full: `$` would let a trailing newline through
 _MAX_RECORD = 4 << 20  # a commit record lists the repo's files: a few hundred bytes each
 _MAX_REF = 256
 _TMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>[0-9]+)\.tmp$")
@@ -98,7 +98,7 @@ class LocalRegistry(Registry):
         except OSError as e:
             raise self._damaged(repo_id, ref, f"cannot read the ref: {e.strerror or e}") from e
         commit = raw.decode("utf-8", "replace").strip()
-        if len(raw) > _MAX_REF or not _COMMIT.match(commit):
+        if len(raw) > _MAX_REF or not _COMMIT.fullmatch(commit):
             raise self._damaged(repo_id, ref, f"a ref must hold a 40-hex-digit commit id, found {commit[:60]!r}")
         return commit
 
@@ -114,7 +114,8 @@ class LocalRegistry(Registry):
             self._commit(repo_id, commit)  # a ref to a commit without a valid record is refused here
             return commit
         if len(rev) >= 7 and all(c in "0123456789abcdef" for c in rev):
-            found = sorted(p.name[:-5] for p in (repo / "commits").glob(f"{rev}*.json") if _COMMIT.match(p.name[:-5]))
+            stems = (p.name.removesuffix(".json") for p in (repo / "commits").glob(f"{rev}*.json"))
+            found = sorted(stem for stem in stems if _COMMIT.fullmatch(stem))
             if len(found) == 1:
                 self._commit(repo_id, found[0])
                 return found[0]
@@ -128,7 +129,7 @@ class LocalRegistry(Registry):
         """The record of ``commit``, checked: a parent that is a commit id, and files whose names, sizes and
         hashes pass the card's rules (:class:`~rvhub.card.FileEntry`)."""
         path = self._repo(repo_id) / "commits" / f"{commit}.json"
-        if not _COMMIT.match(commit):
+        if not _COMMIT.fullmatch(commit):
             raise self._damaged(repo_id, path, f"{commit[:60]!r} is not a commit id (40 hex digits)")
         if not path.is_file():
             raise self._damaged(repo_id, path, f"commit {commit[:12]} has no record")
@@ -137,7 +138,7 @@ class LocalRegistry(Registry):
         if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
             raise self._damaged(repo_id, path, "a commit record is a JSON object with a 'files' object")
         parent = data.get("parent")
-        if parent is not None and not (isinstance(parent, str) and _COMMIT.match(parent)):
+        if parent is not None and not (isinstance(parent, str) and _COMMIT.fullmatch(parent)):
             raise self._damaged(repo_id, path, f"parent {str(parent)[:60]!r} is not a commit id")
         for name, entry in data["files"].items():
             try:

@@ -477,8 +477,13 @@ class VectorCard(_Frozen):
         try:
             with open(path, "rb") as fh:
                 raw = fh.read(MAX_CARD_BYTES + 1)  # never more than a card may hold
+        except OSError as e:
+            raise VectorFormatError(str(folder), f"cannot read {CARD_FILE}: {e}") from e
+        if len(raw) > MAX_CARD_BYTES:
+            raise VectorFormatError(str(folder), f"{CARD_FILE} is larger than the {MAX_CARD_BYTES:,} bytes allowed")
+        try:
             text = raw.decode("utf-8")
-        except (OSError, ValueError) as e:
+        except ValueError as e:
             raise VectorFormatError(str(folder), f"cannot read {CARD_FILE}: {e}") from e
         return cls.from_json(text, str(folder))
 
