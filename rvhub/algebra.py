@@ -374,7 +374,7 @@ def combine(
         exact=card.exact, tensors=len(entries), unchanged_tensors=len(card.unchanged),
         elements=sum(_numel(e.shape) for e in entries), changed_elements=sum(e.changed for e in entries),
         fixups=sum(e.fixups for e in entries), vector_bytes=sum(f.size for f in files),
-        seconds=round(time.perf_counter() - t0, 3), scales={n: a for n, a in scales.items() if a != 1.0},
+        seconds=round(time.perf_counter() - t0, 3), scales=scales,
     )
 
 

@@ -232,7 +232,8 @@ def test_apply_with_scale_patterns_gives_each_tensor_its_alpha(pair, tmp_path):
 def test_combine_records_and_applies_scale_patterns(pair, tmp_path):
     t, v1, *_ = pair
     d1 = delta(t.rl, t.sft)
-    combine([v1], tmp_path / "c", scale=2.0, scale_patterns=["mlp=0.25"], progress=False)
+    res = combine([v1], tmp_path / "c", scale=2.0, scale_patterns=["mlp=0.25"], progress=False)
+    assert res.scales == {k: 0.25 if "mlp" in k else 2.0 for k in VectorFolder(v1).entries}
     expected = {k: d1[k] * torch.tensor(0.25 if "mlp" in k else 2.0) for k in d1}
     assert_combination(tmp_path / "c", expected)
     prov = VectorCard.read(tmp_path / "c").provenance
