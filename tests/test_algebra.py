@@ -117,6 +117,9 @@ def test_dare_with_density_one_is_sum(pair, tmp_path):
     combine([v1, v3], tmp_path / "s", weights=[1, 2], progress=False)
     combine([v1, v3], tmp_path / "d", weights=[1, 2], method="dare", density=1.0, seed=5, progress=False)
     assert_bitwise_equal(decoded(tmp_path / "d"), decoded(tmp_path / "s"))
+    combine([v1, v3], tmp_path / "sh", weights=[1, 2], max_shard_size="20KB", progress=False)
+    assert (tmp_path / "sh" / "vector.safetensors.index.json").is_file()
+    assert_bitwise_equal(decoded(tmp_path / "sh"), decoded(tmp_path / "s"))
 
 
 # ---------------------------------------------------------------- ties and dare on hand-made tensors
