@@ -33,12 +33,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from ._combine_io import open_writer, write_tensor
 from .errors import IncompatibleInputsError, InvalidOptionError, ShapeMismatchError, VectorFormatError
 
 if TYPE_CHECKING:
     import torch
 
-    from .card import Fingerprints, VectorCard
+    from .card import Fingerprints, TensorEntry, VectorCard
     from .formats import VectorFolder
 
 logger = logging.getLogger(__name__)
@@ -306,7 +307,7 @@ def combine(
     docstring for each method's exact definition. α (``scale``, ``scale_patterns``) multiplies the result."""
     from ._io import atomic_dir, check_output, parse_size
     from ._progress import progress_bar, tensor_done
-    from .card import CombineInput, Provenance, ScalePatternEntry, TensorEntry, VectorCard, file_entry
+    from .card import CombineInput, Provenance, ScalePatternEntry, VectorCard, file_entry
     from .extract import _one_torch_thread
 
     t0 = time.perf_counter()
@@ -327,13 +328,13 @@ def combine(
     scales: dict[str, float] = {}
     entries: list[TensorEntry] = []
     with atomic_dir(out, overwrite) as tmp, _one_torch_thread():
-        writer = _writer(tmp, inputs, names, shard_bytes)
+        writer = open_writer(tmp, {n: tuple(_entry(inputs, n).shape) for n in names}, shard_bytes)
         with writer, progress_bar(sum(in_bytes.values()), f"combine {method}", progress, len(names)) as bar:
             for name in names:
                 alpha = patterns.scale_for(name)
                 scales[name] = alpha
                 chunks = _combine_tensor(name, inputs, w, method, density, seed, alpha)
-                entry = _write_tensor(name, inputs, chunks, writer)
+                entry = write_tensor(_entry(inputs, name), chunks, writer)
                 if entry is not None:
                     entries.append(entry)
                 tensor_done(bar, in_bytes[name])
@@ -373,7 +374,7 @@ def combine(
         exact=card.exact, tensors=len(entries), unchanged_tensors=len(card.unchanged),
         elements=sum(_numel(e.shape) for e in entries), changed_elements=sum(e.changed for e in entries),
         fixups=sum(e.fixups for e in entries), vector_bytes=sum(f.size for f in files),
-        seconds=round(time.perf_counter() - t0, 3), scales={n: a for n, a in scales.items() if a != 1.0},
+        seconds=round(time.perf_counter() - t0, 3), scales=scales,
     )
 
 
@@ -403,6 +404,11 @@ def _fingerprints(fp: Fingerprints | None, entries: list[Any]) -> Fingerprints |
 # ---------------------------------------------------------------- the arithmetic, one tensor at a time
 
 
+def _entry(inputs: list[_Input], name: str) -> TensorEntry:
+    """The first input's entry of a tensor (every input that stores it has the same shape and dtype)."""
+    return next(i.folder.entries[name] for i in inputs if name in i.folder.entries)
+
+
 def _work(inputs: list[_Input], name: str) -> torch.dtype:
     from .formats import work_dtype
 
@@ -426,7 +432,7 @@ def _combine_tensor(
     from .sources import CHUNK_ELEMS, row_blocks
 
     work = _work(inputs, name)
-    shape = next(i.folder.entries[name].shape for i in inputs if name in i.folder.entries)
+    shape = _entry(inputs, name).shape
     if _numel(shape) == 0:
         return []  # an empty tensor has no delta to store
     row_elems = _numel(shape[1:])
@@ -530,59 +536,3 @@ def _ties(full: list[torch.Tensor], w: list[float], density: float) -> torch.Ten
         num += torch.where(agree, u, zero)
         count += agree.to(work)
     return torch.where(count > 0, num / torch.where(count > 0, count, 1), zero)
-
-
-# ---------------------------------------------------------------- writing the result (extract's encoding)
-
-
-def _values_dtype(name: str, inputs: list[_Input], chunks: list[torch.Tensor]) -> torch.dtype:
-    """The tensor's own dtype, unless so many deltas need a fix-up (12 bytes each) that storing every value in
-    the work dtype is smaller."""
-    import torch
-
-    from ._io import ST_TO_TORCH
-
-    src = ST_TO_TORCH[next(i.folder.entries[name].source_dtype for i in inputs if name in i.folder.entries)]
-    work = chunks[0].dtype if chunks else src
-    if src == work:
-        return src
-    changed = inexact = 0
-    for c in chunks:  # zeros are exact in every dtype: no need to pick the nonzero elements out
-        changed += int(torch.count_nonzero(c))
-        inexact += int(torch.count_nonzero(c.to(src).to(work) != c))
-    src_bytes = changed * src.itemsize + inexact * (8 + work.itemsize)
-    return src if src_bytes < changed * work.itemsize else work
-
-
-def _write_tensor(name: str, inputs: list[_Input], chunks: list[torch.Tensor], writer: Any) -> Any:
-    """Append ``name``'s result as ``::mask``/``::values`` (+ exact fix-ups); None when it is all zero."""
-    from .formats import TensorEncoder, check_finite, encode_delta
-
-    entry = next(i.folder.entries[name] for i in inputs if name in i.folder.entries)
-    for c in chunks:
-        check_finite(name, c, "the combination overflows")
-    values_dtype = _values_dtype(name, inputs, chunks)
-    out = TensorEncoder(writer, name, tuple(entry.shape), entry.source_dtype, values_dtype, sparse=True)
-    chunks.reverse()
-    while chunks:  # each chunk is released once encoded: the stored form replaces it in memory
-        out.add(encode_delta(chunks.pop(), values_dtype, sparse=True))
-    return out.finish()
-
-
-def _writer(folder: Path, inputs: list[_Input], names: list[str], shard_bytes: int) -> Any:
-    """A ShardedWriter with room reserved for the largest header a shard can need (as extract does)."""
-    import json
-
-    from ._io import ShardedWriter
-    from .formats import VECTOR_STEM
-
-    total = sum(_numel(i.folder.entries[n].shape) for i in inputs for n in i.folder.entries)
-    offsets = 2 * len(str(21 * max(total, 1)))
-    entry = len('"":{"dtype":"BF16","shape":[],"data_offsets":[,]},') + offsets
-    size = 64
-    for name in names:
-        n = len(json.dumps(name)) - 2
-        numel = max(_numel(i.folder.entries[name].shape) for i in inputs if name in i.folder.entries)
-        size += 4 * (n + entry + len(str(numel)) + 11)  # ::mask, ::values, ::fix_index, ::fix_hi
-    return ShardedWriter(folder, VECTOR_STEM, shard_bytes, {"format": "rvhub-sparse"},
-                         header_reserve=size + (-size % 8))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ from ._progress import progress_bar, tensor_done
 from .card import ModelRef, TensorEntry, VectorCard, file_entry
 from .compat import fingerprints
 from .errors import InvalidOptionError, MissingTensorError, ShapeMismatchError, UnsupportedTensorError
-from .formats import VECTOR_STEM, TensorEncoder, encode_chunk
+from .formats import VECTOR_STEM, TensorEncoder, encode_chunk, header_bound
 from .sources import CHUNK_ELEMS, ModelSource, TensorInfo, open_model
 
 logger = logging.getLogger(__name__)
@@ -204,23 +203,8 @@ def _one_torch_thread() -> Iterator[None]:
 
 
 def _header_bound(pairs: list[_Pair], sparse: bool) -> int:
-    """Bytes of the largest safetensors header a shard can need: every tensor's possible entries (mask,
-    values, dense, fix-ups) with their real name and shape lengths. Reserving it lets shards be written in
-    place, never copied; it costs a few hundred KB of header padding on a billion-parameter model."""
-    total = sum(p.dst.numel for p in pairs)
-    offsets = 2 * len(str(21 * total))  # no shard holds more than ~21 bytes per element (dense F64 + fix-ups)
-    entry = len('"":{"dtype":"BF16","shape":[],"data_offsets":[,]},') + offsets
-    size = 64
-    for p in pairs:
-        name = len(json.dumps(p.name)) - 2
-        dims = sum(len(str(s)) + 1 for s in p.dst.shape)
-        n = len(str(p.dst.numel))
-        if sparse:
-            size += 2 * (name + entry + n + 8)  # ::mask, ::values
-        else:
-            size += name + entry + dims
-        size += 2 * (name + entry + n + 11)  # ::fix_index, ::fix_hi
-    return size + (-size % 8)
+    """Room for the largest safetensors header a shard can need (see :func:`formats.header_bound`)."""
+    return header_bound({p.name: tuple(p.dst.shape) for p in pairs}, sparse)
 
 
 def _exact(p: _Pair, sparse: bool, dense_code: str) -> bool:

@@ -22,8 +22,9 @@ Sparse vectors omit tensors equal in both models; both formats list them in the 
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -197,6 +198,25 @@ class TensorEncoder:
             name=self.name, shape=self.shape, source_dtype=self.source_dtype,  # type: ignore[arg-type]
             changed=self._changed, fixups=n_fix,
         )
+
+
+def header_bound(shapes: Mapping[str, tuple[int, ...]], sparse: bool) -> int:
+    """Bytes of the largest safetensors header a shard of a vector can need: every tensor's possible entries
+    (mask, values or dense, fix-ups) with their real name and shape lengths. Reserving it lets shards be
+    written in place, never copied; it costs a few hundred KB of header padding on a billion-parameter model."""
+    total = sum(math.prod(s) for s in shapes.values())
+    offsets = 2 * len(str(21 * total))  # no shard holds more than ~21 bytes per element (dense F64 + fix-ups)
+    entry = len('"":{"dtype":"BF16","shape":[],"data_offsets":[,]},') + offsets
+    size = 64
+    for name, shape in shapes.items():
+        key = len(json.dumps(name)) - 2
+        n = len(str(math.prod(shape)))
+        if sparse:
+            size += 2 * (key + entry + n + 8)  # ::mask, ::values
+        else:
+            size += key + entry + sum(len(str(d)) + 1 for d in shape)
+        size += 2 * (key + entry + n + 11)  # ::fix_index, ::fix_hi
+    return size + (-size % 8)
 
 
 def pack_bits(mask: np.ndarray) -> np.ndarray:

@@ -117,6 +117,9 @@ def test_dare_with_density_one_is_sum(pair, tmp_path):
     combine([v1, v3], tmp_path / "s", weights=[1, 2], progress=False)
     combine([v1, v3], tmp_path / "d", weights=[1, 2], method="dare", density=1.0, seed=5, progress=False)
     assert_bitwise_equal(decoded(tmp_path / "d"), decoded(tmp_path / "s"))
+    combine([v1, v3], tmp_path / "sh", weights=[1, 2], max_shard_size="20KB", progress=False)
+    assert (tmp_path / "sh" / "vector.safetensors.index.json").is_file()
+    assert_bitwise_equal(decoded(tmp_path / "sh"), decoded(tmp_path / "s"))
 
 
 # ---------------------------------------------------------------- ties and dare on hand-made tensors
@@ -232,7 +235,8 @@ def test_apply_with_scale_patterns_gives_each_tensor_its_alpha(pair, tmp_path):
 def test_combine_records_and_applies_scale_patterns(pair, tmp_path):
     t, v1, *_ = pair
     d1 = delta(t.rl, t.sft)
-    combine([v1], tmp_path / "c", scale=2.0, scale_patterns=["mlp=0.25"], progress=False)
+    res = combine([v1], tmp_path / "c", scale=2.0, scale_patterns=["mlp=0.25"], progress=False)
+    assert res.scales == {k: 0.25 if "mlp" in k else 2.0 for k in VectorFolder(v1).entries}
     expected = {k: d1[k] * torch.tensor(0.25 if "mlp" in k else 2.0) for k in d1}
     assert_combination(tmp_path / "c", expected)
     prov = VectorCard.read(tmp_path / "c").provenance
