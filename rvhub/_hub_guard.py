@@ -31,13 +31,13 @@ from typing import Any
 import httpx2
 
 from ._secrets import scrub_logging
+from ._untrusted import MAX_CARD_BYTES as MAX_CARD_BYTES  # rvhub.json (and a previous card read on push)
 from .errors import HostileServerError
 
 SHA1 = re.compile(r"[0-9a-f]{40}")
 _ETAG = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 _DIGITS = re.compile(r"[0-9]{1,20}")
 
-MAX_CARD_BYTES = 16 << 20  # rvhub.json (and a previous card read on push)
 MAX_SIDE_FILE_BYTES = 256 << 20  # config.json, tokenizer files of a model
 MAX_API_BYTES = 64 << 20  # any JSON answer (model info, tree, model list)
 SAFETENSORS_HEADER_BYTES = 25_000_000 + 8  # the largest header get_safetensors_metadata reads, and its length

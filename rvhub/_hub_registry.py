@@ -85,6 +85,12 @@ class HubRegistry(Registry):
     def _api(self) -> HfApi:
         return HfApi(endpoint=self.endpoint, token=self._token)
 
+    publish_writes_owned = False  # a push reads the folder (a pulled copy in the cache may be pushed elsewhere)
+
+    def owned_paths(self) -> list[Path]:
+        """The Hugging Face cache that pulls land in: no output may be, contain or lie inside it."""
+        return [Path(constants.HF_HUB_CACHE)]
+
     # -------------------------------------------------------------- push
 
     def publish(

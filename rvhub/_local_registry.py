@@ -38,8 +38,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from ._io import _pid_alive, atomic_dir, copy_file, write_text
-from ._untrusted import read_json
-from .card import CARD_FILE, MAX_CARD_BYTES, FileEntry, VectorCard
+from ._untrusted import MAX_CARD_BYTES, read_json
+from .card import CARD_FILE, FileEntry, VectorCard
 from .errors import (
     InvalidOptionError,
     RegistryDamagedError,

@@ -18,7 +18,8 @@ from typing import Any
 
 from .errors import CorruptFileError, RvhubError, VectorFormatError
 
-# Records, indexes and configs are far smaller than a card (rvhub.card.MAX_CARD_BYTES).
+MAX_CARD_BYTES = 16 << 20  # a card of a 20,000-tensor model is a few MB; the same cap on disk and from a server
+# Records, indexes and configs are far smaller than a card.
 MAX_JSON_BYTES = 16 << 20
 MAX_DEPTH = 64  # the card schema nests 6 deep; a config's rope settings 3
 MAX_STRING = 1 << 20  # in a card: the longest text it holds is a prompt template

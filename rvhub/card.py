@@ -27,10 +27,10 @@ from pydantic import (
 )
 
 from . import __version__
+from ._untrusted import MAX_CARD_BYTES
 from .errors import IntegrityError, VectorFormatError
 
 CARD_FILE = "rvhub.json"
-MAX_CARD_BYTES = 16 << 20  # see rvhub._untrusted: a card of a 20,000-tensor model is a few MB
 README_FILE = "README.md"
 # 1: no card had been published when fingerprints, benchmarks and the Hub card were added (with defaults, so
 # a card written before them still reads). 2: combined vectors (formula "combination" + provenance); every

@@ -218,6 +218,10 @@ class Registry(ABC):
         inside one of them."""
         return []
 
+    #: whether publishing writes into :meth:`owned_paths` (a local registry's blobs and snapshots), so that a
+    #: folder being pushed must lie apart from them; the Hub's push only reads the folder
+    publish_writes_owned = True
+
     def discard(self, folder: Path, names: list[str]) -> None:  # noqa: B027 (most registries keep no cache)
         """Forget damaged copies of ``names`` in ``folder`` (a cache), so that the next pull fetches them again."""
 
@@ -265,7 +269,7 @@ def push(
     verify_files(folder, card)
     uploads = vector_uploads(folder, card, repo_id)
     reg = open_registry(registry)
-    for kept in reg.owned_paths():  # the registry is this command's output
+    for kept in reg.owned_paths() if reg.publish_writes_owned else []:  # the registry is this command's output
         check_apart(kept, [folder], what="registry")
     text = message or f"rvhub push: {card.format} vector, {len(card.tensors)} tensors"
     return reg.publish(repo_id, uploads, private=private, branch=branch, message=text, progress=progress)

@@ -326,3 +326,25 @@ def test_an_honest_server_still_serves_a_hub_base_to_check_and_apply(hub_model, 
     remote = apply(vector("qwen2_plain"), hub_model, tmp_path / "remote", progress=False)
     local = apply(vector("qwen2_plain"), str(trio("qwen2_plain").target), tmp_path / "local", progress=False)
     assert_bitwise_equal(load_tensors(Path(remote.out)), load_tensors(Path(local.out)), "Hub base vs local base")
+
+
+# ------------------------------------------------------------------ item 6: the Hub cache is the registry's own
+
+
+def test_pull_into_the_hub_cache_is_refused_and_a_cached_copy_can_be_pushed_elsewhere(request, hub, hub_env,
+                                                                                      vector, tmp_path):
+    from huggingface_hub import constants
+
+    repo = published(request, vector, hub_env)
+    cache = Path(constants.HF_HUB_CACHE)
+    before = sorted(p.relative_to(cache) for p in cache.rglob("*"))
+    one_error(invoke("pull", repo, "-o", cache, "--overwrite", "--quiet"), "an input of this command or a folder")
+    one_error(invoke("pull", repo, "-o", cache / "inside", "--quiet"), "an input of this command or a folder")
+    assert sorted(p.relative_to(cache) for p in cache.rglob("*")) == before  # nothing removed, nothing added
+    pulled = invoke("pull", repo, "--json", "--quiet")  # without -o: the verified copy in the cache
+    assert pulled.exit_code == 0, pulled.stderr
+    copy = Path(json.loads(pulled.stdout)["path"])
+    assert copy.is_relative_to(cache)
+    again = invoke("push", copy, repo + "_copy", "--quiet")  # a push only reads the folder
+    assert again.exit_code == 0, again.stderr
+    assert HfApi().model_info(repo + "_copy").sha
