@@ -225,3 +225,11 @@ class DownloadIntegrityError(IntegrityError):
             f"{file} of {ref} from {where} {what}: refused, nothing was written (the bad copy was dropped "
             "from the cache; if pulling again fails the same way, the registry's copy is damaged)",
         )
+
+
+class MissingExtraError(RvhubError):
+    """An optional dependency group (``pip install rvhub[extra]``) that a feature needs is not installed."""
+
+    def __init__(self, extra: str, purpose: str) -> None:
+        self.extra = extra
+        super().__init__(f"{purpose} needs the optional '{extra}' dependencies: pip install 'rvhub[{extra}]'")
