@@ -23,17 +23,12 @@ def _hashes(paths):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, monkeypatch_module):
+def tiny(tmp_path_factory):
+    """The tiny recipe, built in a cache of its own (the default family below uses the user's cache)."""
     cache = tmp_path_factory.mktemp("cache-a")
-    monkeypatch_module.setenv("RVHUB_CACHE", str(cache))
-    return build_family(tmp_path_factory.mktemp("fam") / "family", 0, TINY), cache
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    mp = pytest.MonkeyPatch()
-    yield mp
-    mp.undo()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RVHUB_CACHE", str(cache))
+        return build_family(tmp_path_factory.mktemp("fam") / "family", 0, TINY), cache
 
 
 def test_tiny_family_layout(tiny):
@@ -105,16 +100,52 @@ def test_in_memory_sum_equals_rvhub_apply(tiny, tmp_path):
     assert all(abs(float(r[k].norm() - v[k].norm())) <= 1e-5 * (1 + float(v[k].norm())) for k in v)
 
 
+def test_lm_eval_runs_the_task_yamls_like_accuracy(tiny, monkeypatch):
+    """The YAMLs load offline in lm-eval and score what :func:`accuracy` scores (runs where lm-eval is installed)."""
+    lm_eval = pytest.importorskip("lm_eval")
+    import torch
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    paths, _ = tiny
+    model = AutoModelForCausalLM.from_pretrained(paths.sft, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(paths.sft)
+    res = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok, batch_size=16),
+                                  tasks=["rvhub_toy_val", "rvhub_toy_val_adv"], limit=16,
+                                  task_manager=TaskManager(include_path=str(paths.tasks)))
+    probs = tasks.problems("validation", 16)
+    for task, adv in (("rvhub_toy_val", False), ("rvhub_toy_val_adv", True)):
+        assert res["results"][task]["exact_match,final-answer"] == accuracy(paths.sft, probs, adversarial=adv).acc
+
+
 def test_mcnemar_known_values():
     assert mcnemar([True] * 10, [False] * 10) == pytest.approx(2 / 2**10)
     assert mcnemar([True, False], [False, True]) == 1.0
     assert mcnemar([True] * 5, [True] * 5) == 1.0
 
 
+@pytest.fixture(scope="module")
+def default_family():
+    """The default family, built once per machine in the user cache (RVHUB_CACHE), ~10 minutes on a busy 2-core box."""
+    return build_family(None, 0)
+
+
 @pytest.mark.slow
-def test_the_vector_transfers_on_the_test_split(tmp_path):
-    """The default family (cached in the user cache): target + v beats target and the control."""
-    paths = build_family(None, 0)
+def test_sft_learns_the_task_on_the_test_split(default_family):
+    """What held on validation (base 0.367, sft 0.560, n=300): worked-solution SFT beats the base clearly."""
+    probs = tasks.problems("test")
+    base, sft = accuracy(default_family.base, probs), accuracy(default_family.sft, probs)
+    assert sft.acc > base.acc + 0.08 and mcnemar(sft.correct, base.correct) < 0.05
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(reason="not shown with the current recipe: GRPO did not improve over sft and target + v was "
+                          "not distinguishable from target or the control (docs/EVIDENCE.md)", strict=False)
+def test_the_vector_transfers_on_the_test_split(default_family):
+    """The paper's claim on this family: target + v beats target and the norm-matched Gaussian control."""
+    paths = default_family
     probs = tasks.problems("test")
     v = vector(paths)
     target = load_state(paths.target)

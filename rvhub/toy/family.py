@@ -46,24 +46,25 @@ class Recipe(BaseModel):
     """Everything that decides the family's weights (with the seed and the library versions)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    vocab_size: int = Field(default=320, description="BPE vocabulary size of the locally trained tokenizer")
-    hidden: int = Field(default=64, description="hidden size")
+    vocab_size: int = Field(default=600, description="BPE vocabulary size of the locally trained tokenizer")
+    hidden: int = Field(default=96, description="hidden size")
     layers: int = Field(default=2, description="decoder layers")
     heads: int = Field(default=4, description="attention heads (2 key/value heads)")
     pretrain_steps: int = Field(default=400, description="optimizer steps of pretraining (base)")
     other_steps: int = Field(default=60, description="optimizer steps of pretraining other (only its lineage matters)")
     pretrain_lr: float = Field(default=3e-3, description="peak AdamW learning rate of pretraining")
-    sft_steps: int = Field(default=200, description="steps of SFT on worked solutions")
+    sft_steps: int = Field(default=60, description="steps of SFT on worked solutions")
     target_steps: int = Field(default=100, description="steps of instruction tuning for target")
     finetune_lr: float = Field(default=2e-3, description="peak learning rate of sft and target")
     batch: int = Field(default=32, description="sequences per optimizer step (pretraining and SFT)")
     grpo_steps: int = Field(default=30, description="GRPOTrainer optimizer steps")
-    grpo_lr: float = Field(default=5e-4, description="GRPO learning rate")
+    grpo_lr: float = Field(default=3e-5, description="GRPO learning rate")
     grpo_generations: int = Field(default=8, description="completions per prompt (num_generations)")
     grpo_batch: int = Field(default=32, description="completions per step (a multiple of grpo_generations)")
     grpo_beta: float = Field(default=0.0, description="KL coefficient (0: no reference model, TRL's default)")
     format_reward: float = Field(default=0.1, description="reward for a completion that ends in 'The answer is N.'")
     train_problems: int = Field(default=3000, description="distinct training problems (train split)")
+    grpo_adversarial: float = Field(default=0.5, description="share of GRPO prompts with an irrelevant sentence")
 
 
 DEFAULT = Recipe()
@@ -152,10 +153,12 @@ def build_family(out: Path | None, seed: int = 0, recipe: Recipe = DEFAULT, *,
 
 
 def _pretrain_docs(rng: random.Random, train: list[tasks.Problem]) -> list[str]:
-    """Word problems with bare answers, equations, counting and sentences: the base's 'web text'."""
+    """Word problems (60 % with bare answers, 40 % worked out), equations, counting and sentences: the base's
+    'web text'."""
     docs = []
     for p in train:
-        docs.append(f"{p.prompt()} The answer is {p.answer}.{tasks.EOS}")
+        answer = p.solution if rng.random() < 0.4 else f"The answer is {p.answer}."
+        docs.append(f"{p.prompt()} {answer}{tasks.EOS}")
     for _ in range(len(train)):
         kind = rng.random()
         if kind < 0.5:
@@ -179,10 +182,10 @@ def _instruction_pairs(rng: random.Random, n: int) -> list[tuple[str, str]]:
     pairs = []
     for _ in range(n):
         kind = rng.random()
-        if kind < 0.3:
+        if kind < 0.15:
             a = rng.randint(0, 30)
             pairs.append((f"What number comes after {a}?", f"The answer is {a + 1}."))
-        elif kind < 0.55:
+        elif kind < 0.3:
             a, b = rng.sample(range(0, 30), 2)
             pairs.append((f"Which is larger, {a} or {b}?", f"The answer is {max(a, b)}."))
         else:

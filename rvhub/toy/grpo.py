@@ -46,7 +46,11 @@ def train_grpo(model: PreTrainedModel, tok: PreTrainedTokenizerFast, train: list
         logging.getLogger(name).setLevel(logging.ERROR)
     if recipe.grpo_batch % recipe.grpo_generations:
         raise ValueError("grpo_batch must be a multiple of grpo_generations")
-    data = Dataset.from_list([{"prompt": p.prompt(), "answer": str(p.answer)} for p in train])
+    # Some prompts carry an irrelevant sentence (the train split's own adversarial form): SFT never saw
+    # distractors, so ignoring them is a skill only the reward teaches.
+    adv = [i % 100 < recipe.grpo_adversarial * 100 for i in range(len(train))]
+    rows = [{"prompt": p.prompt(a), "answer": str(p.answer)} for p, a in zip(train, adv, strict=True)]
+    data = Dataset.from_list(rows)
     args = GRPOConfig(
         output_dir=str(workdir), use_cpu=True, bf16=False, fp16=False, seed=seed, data_seed=seed,
         learning_rate=recipe.grpo_lr, lr_scheduler_type="constant", warmup_steps=0, max_steps=recipe.grpo_steps,
