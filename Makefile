@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 $(BIN)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e ".[dev,eval]"
+	$(BIN)/python -m pip install -q -e ".[dev,eval,toy]"
 	touch $@
 
 demo: $(BIN)/.installed

@@ -209,3 +209,20 @@ def build_lowrank_trio(root: Path, arch: Arch = "qwen2", *, rank: int = 3, seed:
     rl = plant_lowrank_delta(sft, root / "rl", rank=rank, seed=seed + 1, embeddings=embeddings)
     target = add_noise(sft, root / "target", seed=seed + 2)
     return Trio(sft, rl, target)
+
+
+def build_family(out: Path | None, seed: int = 0, recipe: Any = None) -> Any:
+    """The trained toy family (base, sft, rl, target, other, tasks/) in ``out``: see :mod:`rvhub.toy.family`.
+
+    Returns a :class:`rvhub.toy.family.FamilyPaths`. Needs ``pip install 'rvhub[toy]'``."""
+    from rvhub.toy import family
+
+    return family.build_family(out, seed, family.DEFAULT if recipe is None else recipe)
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("FamilyPaths", "Recipe"):
+        from rvhub.toy import family
+
+        return getattr(family, name)
+    raise AttributeError(f"module 'rvhub.toy' has no attribute {name!r}")
