@@ -216,3 +216,17 @@ def test_cuda_eval_gives_the_cpu_scores(swept, trained, vec):  # type: ignore[no
                            control="none", batch_size=BS, device="cuda", write_card=False, progress=False)
     for role in ("target", "plus"):
         assert _score(cuda, role) == _score(report, role)
+
+
+def test_help_mentions_every_option():
+    from typer.testing import CliRunner
+
+    from rvhub.cli import app
+
+    result = CliRunner().invoke(app, ["eval", "--help"], env={"COLUMNS": "100", "TERMINAL_WIDTH": "100"})
+    assert result.exit_code == 0
+    for option in ("--base", "--tasks", "--scale", "--scales", "--control", "--control-seed", "--no-minus",
+                   "--include-path", "--limit", "--num-fewshot", "--apply-chat-template", "--batch-size",
+                   "--gen-kwargs", "--seed", "--device", "--dtype", "--output-dir", "--force", "--json", "--quiet"):
+        assert option in result.stdout, option
+    assert "org/name[@rev]" in result.stdout and "rvhub[eval]" in result.stdout
