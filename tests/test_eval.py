@@ -131,6 +131,8 @@ def test_rerun_replaces_the_key_and_registry_vectors_keep_their_card(swept, trai
     report = evaluate_vector("me/toy", str(trained.target), [TASK], include_path=trained.tasks, minus=False,
                              control="none", limit=4, batch_size=BS, registry=registry, progress=False)
     assert not report.card_written and report.notes and _score(report, "plus") == 1.0
+    pulled = Path(report.vector)  # push uploaded the plot (it is in the manifest), pull verified it
+    assert (pulled / PLOT_FILE).read_bytes() == (vec / PLOT_FILE).read_bytes()
 
 
 # ---------------------------------------------------------------- bad input
