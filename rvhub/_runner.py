@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ._io import check_stop, write_text
+from ._io import check_stop, dtype_code, write_text
 from .inmemory import Control, check_loaded, plan_model, vector_added
 
 if TYPE_CHECKING:
@@ -41,12 +41,13 @@ class Runner:
         self.allow_vocab_mismatch = allow_vocab_mismatch
         self.control = Control(vec, control, control_seed) if control != "none" else None  # type: ignore[arg-type]
         self.harness_version = _harness_version(lm_eval)
-        if dtype is None:
+        if dtype is None:  # the target's own: the dtype most of its float tensors have
             codes = [i.dtype for i in tgt.tensors.values() if i.is_float]
-            code = max(set(codes), key=codes.count) if codes else "F32"
-            dtype = _DTYPES[code]
-        self.dtype_name = str(dtype)
-        self.model, self.lm = self._load(getattr(torch, self.dtype_name) if isinstance(dtype, str) else dtype)
+            code = max(sorted(set(codes)), key=codes.count) if codes else "F32"
+        else:
+            code = dtype_code(dtype)
+        self.dtype_name = _DTYPES[code]
+        self.model, self.lm = self._load(getattr(torch, self.dtype_name))
 
     def _load(self, dtype: torch.dtype) -> tuple[Any, Any]:
         from lm_eval.models.huggingface import HFLM

@@ -322,7 +322,7 @@ def apply(
 
 @app.command("eval")
 def eval_(
-    vector: Annotated[str, typer.Argument(help="A vector or adapter folder, or a registry repo id org/name[@rev].")],
+    vector: Annotated[str, typer.Argument(help="A vector or adapter folder, or a registry repo id org/name\\[@rev].")],
     base: Annotated[str, typer.Option("--base", help="The target model: folder or org/name\\[@rev].")],
     tasks: Annotated[str, typer.Option("--tasks", help="lm-eval task names, comma-separated.")],
     scale: Annotated[
@@ -368,7 +368,7 @@ def eval_(
 
     One model load, no merged model on disk; paired tests say which differences are distinguishable from
     noise. The deltas go into the card (rvhub.json, README.md; a sweep's plot into eval.png). Needs
-    `pip install 'rvhub[eval]'`."""
+    `pip install 'rvhub\\[eval]'`."""
     from .eval import evaluate_vector, noise_table
 
     def human(r: Any) -> str:

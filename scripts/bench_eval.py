@@ -44,7 +44,7 @@ CONTROL_SCRIPT = '''\
 """By hand: target + r (a per-tensor Gaussian of v's norm, seed 0), merged and saved to disk."""
 import sys
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from rvhub import add_vector
 from rvhub.formats import open_vector
 from rvhub.inmemory import Control
@@ -52,6 +52,7 @@ vec, target, out = sys.argv[1:4]
 model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.bfloat16)
 add_vector(model, Control(open_vector(__import__("pathlib").Path(vec)), "gaussian", 0), 1.0)
 model.save_pretrained(out)
+AutoTokenizer.from_pretrained(target).save_pretrained(out)
 '''
 
 

@@ -131,6 +131,8 @@ def test_rerun_replaces_the_key_and_registry_vectors_keep_their_card(swept, trai
     report = evaluate_vector("me/toy", str(trained.target), [TASK], include_path=trained.tasks, minus=False,
                              control="none", limit=4, batch_size=BS, registry=registry, progress=False)
     assert not report.card_written and report.notes and _score(report, "plus") == 1.0
+    pulled = Path(report.vector)  # push uploaded the plot (it is in the manifest), pull verified it
+    assert (pulled / PLOT_FILE).read_bytes() == (vec / PLOT_FILE).read_bytes()
 
 
 # ---------------------------------------------------------------- bad input
@@ -216,3 +218,17 @@ def test_cuda_eval_gives_the_cpu_scores(swept, trained, vec):  # type: ignore[no
                            control="none", batch_size=BS, device="cuda", write_card=False, progress=False)
     for role in ("target", "plus"):
         assert _score(cuda, role) == _score(report, role)
+
+
+def test_help_mentions_every_option():
+    from typer.testing import CliRunner
+
+    from rvhub.cli import app
+
+    result = CliRunner().invoke(app, ["eval", "--help"], env={"COLUMNS": "100", "TERMINAL_WIDTH": "100"})
+    assert result.exit_code == 0
+    for option in ("--base", "--tasks", "--scale", "--scales", "--control", "--control-seed", "--no-minus",
+                   "--include-path", "--limit", "--num-fewshot", "--apply-chat-template", "--batch-size",
+                   "--gen-kwargs", "--seed", "--device", "--dtype", "--output-dir", "--force", "--json", "--quiet"):
+        assert option in result.stdout, option
+    assert "org/name[@rev]" in result.stdout and "rvhub[eval]" in result.stdout
