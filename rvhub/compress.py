@@ -35,7 +35,7 @@ from ._untrusted import decoding
 from .apply import resolve_device
 from .card import HUB_ID_PATTERN, CompressionReport, ModuleReport, SvdCheck, VectorCard, file_entry
 from .errors import InvalidOptionError, VectorFormatError
-from .formats import ADAPTER_CONFIG, RESIDUAL_STEM, VectorFolder, adapter_base
+from .formats import ADAPTER_CONFIG, RESIDUAL_STEM, VECTOR_STEM, VectorFolder, adapter_base
 from .sources import TIED_PAIRS
 
 logger = logging.getLogger(__name__)
@@ -235,7 +235,7 @@ def compress(
             adapter_params=sum(m.rank * m.cost for m in modules),
             adapter_bytes=files[1].size,
             residual_bytes=files[2].size,
-            vector_bytes=sum(f.size for f in card.files),
+            vector_bytes=sum(f.size for f in card.files if f.path.startswith(VECTOR_STEM)),  # not eval.png
             svd_checks=checks,
         )
         kept = {m.name for m in modules} | set(residual)
