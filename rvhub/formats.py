@@ -226,9 +226,8 @@ class DeltaChunk:
             acc[: self.values.numel()].add_(self.values.to(dev))
         elif self.index.numel():
             acc.index_add_(0, self.index.to(dev), self.values.to(dev))
-        if self.fix_lo.numel():
-            pos = self.fix_pos.to(dev)
-            acc[pos] += self.fix_lo.to(dev)
+        if self.fix_lo.numel():  # unique positions: one float32 addition each, as `acc[pos] += …` but faster
+            acc.index_add_(0, self.fix_pos.to(dev), self.fix_lo.to(dev))
 
 
 class VectorFolder:
