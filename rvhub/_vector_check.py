@@ -105,6 +105,12 @@ def check_fix_on_changed(path: str, name: str, index: torch.Tensor, pos: torch.T
     return slot
 
 
+def check_fix_on_mask(path: str, name: str, bits: np.ndarray, pos: torch.Tensor) -> None:
+    """Each fix-up position of a block must be an element its mask bits mark as changed."""
+    if not bool(bits[pos.numpy()].all()):
+        raise VectorStructureError(path, name + "::fix_index", "names an element the mask marks as unchanged")
+
+
 def check_mask_count(path: str, name: str, counted: int, changed: int) -> None:
     """The mask's set bits, counted while decoding, against the card's changed count."""
     if counted != changed:

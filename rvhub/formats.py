@@ -37,6 +37,7 @@ from ._untrusted import read_json
 from ._vector_check import (
     check_fix_index,
     check_fix_on_changed,
+    check_fix_on_mask,
     check_headers,
     check_mask_count,
     check_mask_padding,
@@ -230,8 +231,8 @@ def unpack_bits(packed: np.ndarray, count: int) -> np.ndarray:
 @dataclass
 class DeltaChunk:
     """A chunk of α·v, ready to add: ``out[index] += values`` (or ``out += values`` when ``index`` is None,
-    dense), then, for an old vector with ``fix_lo`` parts, ``out[fix_pos] += fix_lo``. Positions are
-    relative to the chunk start."""
+    dense), then ``out[fix_pos] += fix_lo``: a sparse vector's fix-ups (α·d, whose stored value is 0), or an
+    old vector's α·lo parts. Positions are relative to the chunk start and unique."""
 
     index: torch.Tensor | None
     values: torch.Tensor
@@ -245,9 +246,8 @@ class DeltaChunk:
             acc[: self.values.numel()].add_(self.values.to(dev))
         elif self.index.numel():
             acc.index_add_(0, self.index.to(dev), self.values.to(dev))
-        if self.fix_lo.numel():  # only vectors written before fix-ups became exact differences
-            pos = self.fix_pos.to(dev)
-            acc[pos] += self.fix_lo.to(dev)
+        if self.fix_lo.numel():  # unique positions: one float32 addition each, as `acc[pos] += …` but faster
+            acc.index_add_(0, self.fix_pos.to(dev), self.fix_lo.to(dev))
 
 
 class VectorFolder:
@@ -381,7 +381,8 @@ class VectorFolder:
                 packed = self._get(key, (lo // 8, (hi + 7) // 8)).numpy()
                 if hi == numel:
                     check_mask_padding(str(self.folder), name, packed, numel)
-                index = torch.from_numpy(np.flatnonzero(unpack_bits(packed, m)))
+                bits = unpack_bits(packed, m)
+                index = torch.from_numpy(np.flatnonzero(bits))
                 k = int(index.numel())
                 if offset + k > entry.changed:
                     check_mask_count(str(self.folder), name, offset + k, entry.changed)
@@ -396,11 +397,14 @@ class VectorFolder:
                 i0, i1 = (int(x) for x in torch.searchsorted(fix_idx, torch.tensor([lo, hi])))
                 if i1 > i0:
                     pos = fix_idx[i0:i1] - lo
-                    # the exact hi part replaces the rounded stored value of these elements
-                    slot = pos if index is None else check_fix_on_changed(str(self.folder), name, index, pos)
-                    values[slot] = fix_hi[i0:i1]
-                    if fix_lo.numel():
+                    if index is None:  # dense: the exact difference replaces the stored value
+                        values[pos] = fix_hi[i0:i1]
+                    elif fix_lo.numel():  # an old vector: hi replaces the rounded stored value, lo comes after
+                        values[check_fix_on_changed(str(self.folder), name, index, pos)] = fix_hi[i0:i1]
                         flo = fix_lo[i0:i1]
+                    else:  # the stored value is 0 here: the difference is added after it, without a search
+                        check_fix_on_mask(str(self.folder), name, bits, pos)
+                        flo = fix_hi[i0:i1].clone()
             if scale != 1.0:
                 values.mul_(scale)
                 if flo.numel():
