@@ -30,6 +30,17 @@ pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload ra
 VECTOR_FILE = "vector.safetensors"
 
 
+@pytest.fixture(scope="module")
+def hub():
+    """A server of this module's own: what the hostile modes leave on it (repos, LFS objects the same vector
+    uploaded) must not change what the other modules' tests see on the shared one."""
+    from hub_server import LocalHub
+
+    server = LocalHub.start(HUB_TOKEN)
+    yield server
+    server.close()
+
+
 @pytest.fixture(autouse=True)
 def _fast_retries(monkeypatch):
     """huggingface_hub waits 1, 2, 4, 8 s between retries of a 429/5xx; the waits are not what is tested."""
