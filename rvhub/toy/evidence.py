@@ -43,15 +43,10 @@ class Score:
 
 
 def mcnemar(a: Iterable[bool], b: Iterable[bool]) -> float:
-    """Exact two-sided McNemar p-value of paired 0/1 outcomes (binomial test on the discordant pairs)."""
-    pairs = list(zip(a, b, strict=True))
-    only_a = sum(x and not y for x, y in pairs)
-    only_b = sum(y and not x for x, y in pairs)
-    k, n = min(only_a, only_b), only_a + only_b
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, i) for i in range(k + 1))
-    return min(1.0, 2.0 * tail / 2.0**n)
+    """Exact two-sided McNemar p-value of paired 0/1 outcomes (rvhub eval's own test)."""
+    from .._stats import mcnemar as paired
+
+    return paired([float(x) for x in a], [float(y) for y in b]).p_value
 
 
 def load_state(path: Path) -> dict[str, torch.Tensor]:
