@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,7 +31,8 @@ import httpx2
 
 from ._secrets import scrub_logging
 from ._untrusted import MAX_CARD_BYTES as MAX_CARD_BYTES  # rvhub.json (and a previous card read on push)
-from .errors import HostileServerError
+from ._untrusted import MAX_JSON_BYTES, read_json
+from .errors import HostileServerError, RvhubError
 
 SHA1 = re.compile(r"[0-9a-f]{40}")
 _ETAG = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
@@ -190,9 +190,12 @@ def check_tree_cache(repo_id: str, commit: str | None) -> None:
     if not listing.is_file() and not listing.is_symlink():
         return
     try:
-        files = json.loads(listing.read_text(encoding="utf-8"))["files"]
+        files = read_json(listing, max_bytes=MAX_JSON_BYTES)["files"]  # bounded in size and depth
         bad = [p for p, info in files.items() if info.get("lfs_sha256") is not None
                and not (isinstance(info["lfs_sha256"], str) and re.fullmatch(r"[0-9a-f]{64}", info["lfs_sha256"]))]
+    except RvhubError as e:  # too large or too deep to parse safely: the library would not survive it either
+        raise HostileServerError(repo_id, "the Hugging Face cache", f"holds a tree listing {listing.name} that "
+                                 f"cannot be read safely ({e})") from e
     except (OSError, ValueError, KeyError, TypeError, AttributeError):  # huggingface_hub ignores it too
         return
     if bad or listing.is_symlink():

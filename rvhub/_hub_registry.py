@@ -12,7 +12,6 @@ card declares.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Iterator
@@ -353,10 +352,12 @@ def _same(upload: Upload, remote: RepoFile | None) -> bool:
 
 def _card_files(raw: bytes) -> list[str]:
     """The file names a (previous, possibly older-schema) card lists; nothing if it cannot be read."""
+    from ._untrusted import MAX_CARD_BYTES, parse_json
+
     try:
-        data: Any = json.loads(raw)
+        data: Any = parse_json(raw, CARD_FILE, max_bytes=MAX_CARD_BYTES)  # bounded: a deep card raised RecursionError
         return [str(f["path"]) for f in data.get("files", [])]
-    except (ValueError, TypeError, KeyError, AttributeError):
+    except (RvhubError, ValueError, TypeError, KeyError, AttributeError):
         return []
 
 

@@ -359,3 +359,23 @@ def test_pull_into_the_hub_cache_is_refused_and_a_cached_copy_can_be_pushed_else
     again = invoke("push", copy, repo + "_copy", "--quiet")  # a push only reads the folder
     assert again.exit_code == 0, again.stderr
     assert HfApi().model_info(repo + "_copy").sha
+
+
+# ------------------------------------------------------------------ item 4: JSON from the server, bounded
+
+
+def test_a_cached_tree_listing_too_deep_to_parse_is_refused(request, hub, hub_env, vector, victim):
+    repo = published(request, vector, hub_env)
+    commit = hub.history(repo)[0]
+    listing = repo_cache(repo) / "trees" / f"{commit}.json"
+    listing.parent.mkdir(parents=True)
+    listing.write_text('{"files": ' + "[" * 200_000 + "]" * 200_000 + "}")  # json.loads: RecursionError
+    one_error(invoke("pull", f"{repo}@{commit}", "--quiet"), "tree listing", "cannot be read safely")
+    assert_victim_intact(victim)
+
+
+def test_a_previous_card_too_deep_to_parse_lists_no_files():
+    from rvhub._hub_registry import _card_files
+
+    assert _card_files(b'{"files": ' + b"[" * 200_000 + b"]" * 200_000 + b"}") == []  # no RecursionError
+    assert _card_files(b'{"files": [{"path": "vector.safetensors"}]}') == ["vector.safetensors"]
