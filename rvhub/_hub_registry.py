@@ -42,10 +42,12 @@ from huggingface_hub.utils.sha import git_hash
 from huggingface_hub.utils.tqdm import disable_progress_bars
 
 from . import _hub_guard as guard
+from . import _transfer
 from ._secrets import scrub
 from .card import CARD_FILE, VectorCard
 from .errors import (
     AuthError,
+    DownloadIntegrityError,
     HostileServerError,
     RateLimitedError,
     RegistryError,
@@ -176,12 +178,19 @@ class HubRegistry(Registry):
         if not guard.SHA1.fullmatch(commit):
             raise HostileServerError(repo_id, self.description, f"sent a commit id {commit!r} that is not a sha1")
         folder = guard.repo_cache(repo_id) / "snapshots" / commit
-        sizes = {e.path: e.size for e in VectorCard.read(folder).files}
+        entries = {e.path: e for e in VectorCard.read(folder).files}
         with self._errors(repo_id, commit, "download"), _bars(progress):
             for name in names:
-                limit = sizes.get(name)
-                self._download(repo_id, name, commit, guard.MAX_CARD_BYTES if limit is None else limit,
-                               declared=limit is not None)
+                entry = entries.get(name)
+                if entry is None or constants.HF_HUB_OFFLINE:  # the card itself; or offline: from the cache
+                    self._download(repo_id, name, commit, guard.MAX_CARD_BYTES if entry is None else entry.size,
+                                   declared=entry is not None)
+                    continue
+                try:  # resumable, and verified against the card before it is cached (see _transfer)
+                    _transfer.download(repo_id, name, commit, size=entry.size, sha256=entry.sha256,
+                                       endpoint=self.endpoint, token=self._token, progress=progress)
+                except _transfer.Mismatch as e:
+                    raise DownloadIntegrityError(f"{repo_id}@{commit[:12]}", name, self.description) from e
         return folder
 
     def _download(self, repo_id: str, name: str, revision: str | None, limit: int, *, declared: bool) -> Path:

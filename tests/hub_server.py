@@ -6,8 +6,12 @@ Range) and list models, with the headers the client reads (X-Repo-Commit, ETag/X
 X-Linked-Size, X-Error-Code). Everything lives in memory. One token is valid; writes need it, and so do reads
 of private repos; any other token is refused on every endpoint, as the Hub does.
 
-Fault hooks for tests: ``fail_next_commits`` (answer 500), ``drop_next_downloads`` (send the headers and part of
-the body, then close the connection), ``tamper`` (flip stored bytes so they no longer match their hash).
+Fault hooks for tests: ``fail_next_commits`` (answer 500), ``drop_next_downloads`` / ``cut_downloads`` (send
+the headers and the body up to a byte position of the file, then close the connection), ``fail_lfs_uploads``
+(answer 500 to LFS uploads from the k-th on), ``cut_lfs_uploads`` (read an LFS upload up to a fraction of its
+body, then close the connection), ``tamper`` (flip stored bytes so they no longer match their hash). Byte
+counters: ``sent`` (file body bytes sent, per file name) and ``received`` (LFS upload body bytes read, per
+sha256), whatever became of them.
 
 It is a test fixture, not a product feature: no xet, no PRs, no tags, only model repos.
 """
@@ -20,6 +24,7 @@ import json
 import re
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -97,7 +102,15 @@ class HubError(Exception):
 @dataclass
 class Faults:
     fail_commits: int = 0  # answer 500 to this many commit requests
-    drops: dict[str, tuple[int, int]] = field(default_factory=dict)  # file name -> (times left, bytes sent)
+    drops: dict[str, list[int]] = field(default_factory=dict)  # file name -> the file position each next GET stops at
+    lfs_ok: int | None = None  # with lfs_fail: LFS uploads still answered normally before the failures start
+    lfs_fail: int = 0  # then answer 500 to this many LFS uploads (after reading their bodies)
+    lfs_cuts: list[float] = field(default_factory=list)  # the next LFS uploads: close after this fraction of the body
+
+    def clear(self) -> None:
+        self.fail_commits, self.lfs_ok, self.lfs_fail = 0, None, 0
+        self.drops.clear()
+        self.lfs_cuts.clear()
 
 
 class LocalHub:
@@ -110,6 +123,8 @@ class LocalHub:
         self.faults = Faults()
         self.hostile: Hostile | None = None  # a lying server (tests/hostile_hub.py); None: an honest one
         self.log: list[tuple[str, str, int]] = []  # (method, path, status) of every request
+        self.sent: Counter[str] = Counter()  # body bytes of /resolve/ GETs sent, per file name
+        self.received: Counter[str] = Counter()  # body bytes of LFS uploads read, per sha256 oid
         self.lock = threading.RLock()
         self._server: ThreadingHTTPServer | None = None
         self.url = ""
@@ -136,8 +151,22 @@ class LocalHub:
         self.faults.fail_commits = n
 
     def drop_next_downloads(self, filename: str, n: int = 1, after_bytes: int = 1024) -> None:
-        """The next ``n`` GETs of ``filename`` send full headers and ``after_bytes`` of the body, then close."""
-        self.faults.drops[filename] = (n, after_bytes)
+        """The next ``n`` GETs of ``filename`` send full headers and the body up to byte ``after_bytes`` of the
+        file, then close (a Range GET that starts at or past it sends no byte)."""
+        self.cut_downloads(filename, *[after_bytes] * n)
+
+    def cut_downloads(self, filename: str, *positions: int) -> None:
+        """The next GETs of ``filename``, one per position: headers, then the body up to that byte of the file,
+        then the connection closes."""
+        self.faults.drops[filename] = list(positions)
+
+    def fail_lfs_uploads(self, after: int, n: int = 1000) -> None:
+        """LFS uploads: ``after`` more are stored, then ``n`` are answered 500 (their bodies are read first)."""
+        self.faults.lfs_ok, self.faults.lfs_fail = after, n
+
+    def cut_lfs_uploads(self, *fractions: float) -> None:
+        """The next LFS uploads, one per fraction: that fraction of the body is read, then the connection closes."""
+        self.faults.lfs_cuts = list(fractions)
 
     def tamper(self, repo_id: str, path: str, revision: str = "main") -> None:
         """Flip the bytes of a stored file in place (same size; its recorded hashes are left as they were)."""
@@ -396,7 +425,22 @@ class _Handler(BaseHTTPRequestHandler):
         return 200
 
     def _lfs_put(self, oid: str) -> int:
+        faults = self.hub.faults
+        if faults.lfs_cuts:  # read part of the body, then hang up: the client sees a dropped connection
+            fraction = faults.lfs_cuts.pop(0)
+            length = int(self.headers.get("Content-Length") or 0)
+            part = self.rfile.read(int(length * fraction))
+            self.hub.received[oid] += len(part)
+            self.close_connection = True
+            self.connection.shutdown(2)
+            return 0
         data = self._body()
+        self.hub.received[oid] += len(data)
+        if faults.lfs_ok is not None and faults.lfs_ok <= 0 and faults.lfs_fail > 0:
+            faults.lfs_fail -= 1
+            raise HubError(500, "Internal Error - We're working hard to fix this as soon as possible!")
+        if faults.lfs_ok is not None and faults.lfs_ok > 0:
+            faults.lfs_ok -= 1
         if hashlib.sha256(data).hexdigest() != oid:
             raise HubError(400, "uploaded content does not match its sha256 oid")
         self.hub.lfs[oid] = data
@@ -530,9 +574,8 @@ class _Handler(BaseHTTPRequestHandler):
             if blob.lfs:
                 headers.update({"X-Linked-Etag": f'"{blob.sha256}"', "X-Linked-Size": str(len(data))})
             name = path.rsplit("/", 1)[-1]
-            drop = self.hub.faults.drops.pop(name, None) if self.command == "GET" else None
-            if drop and drop[0] > 1:
-                self.hub.faults.drops[name] = (drop[0] - 1, drop[1])
+            cuts = self.hub.faults.drops.get(name) if self.command == "GET" else None
+            cut = cuts.pop(0) if cuts else None
         status, start, end = 200, 0, len(data)
         span = _byte_range(self.headers.get("Range", ""), len(data))
         if span is not None:
@@ -542,12 +585,16 @@ class _Handler(BaseHTTPRequestHandler):
             status = 206
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(data)}"
         body = data[start:end]
-        if drop:  # full headers, part of the body, then the connection goes away
-            self._send(status, body[: drop[1]], headers, length=len(body))
+        if cut is not None:  # full headers, the body up to that byte of the file, then the connection goes away
+            part = body[: max(0, cut - start)]
+            self._send(status, part, headers, length=len(body))
+            self.hub.sent[name] += len(part)
             self.wfile.flush()
             self.close_connection = True
             return status
         self._send(status, body, headers)
+        if self.command == "GET":
+            self.hub.sent[name] += len(body)
         return status
 
 
