@@ -348,6 +348,8 @@ class _Handler(BaseHTTPRequestHandler):
                     return self._model_info(repo_id, "main")
                 if method == "GET" and rest[:1] == ["revision"] and len(rest) >= 2:
                     return self._model_info(repo_id, "/".join(rest[1:]))
+                if method == "GET" and rest[:1] == ["commits"] and len(rest) >= 2:
+                    return self._commits(repo_id, "/".join(rest[1:]))
                 if method == "GET" and rest[:1] == ["tree"] and len(rest) >= 2:
                     return self._tree(repo_id, rest[1], "/".join(rest[2:]))
                 if method == "POST" and rest[:1] == ["preupload"] and len(rest) >= 2:
@@ -483,7 +485,8 @@ class _Handler(BaseHTTPRequestHandler):
                 raise HubError(412, "A commit has happened since. Please refresh and try again.")
             # like `git commit --allow-empty`: content equal to the parent's still makes a commit, so a client
             # that does not detect its own no-op shows up in the history
-            oid = self.hub._new_commit(repo, parent.oid, files, header.get("summary", ""))
+            message = header.get("summary", "") + (f"\n\n{header['description']}" if header.get("description") else "")
+            oid = self.hub._new_commit(repo, parent.oid, files, message)
             repo.branches[rev] = oid
         self._send_json(200, {"success": True, "commitOid": oid, "commitUrl": f"{self.hub.url}/{repo_id}/commit/{oid}"})
         return 200
@@ -537,6 +540,19 @@ class _Handler(BaseHTTPRequestHandler):
             ):
                 out.append(info)
         self._send_json(200, out[:limit])
+        return 200
+
+    def _commits(self, repo_id: str, rev: str) -> int:
+        """The history from ``rev`` back, newest first (one page: the fixture's histories are short)."""
+        repo = self._repo(repo_id)
+        oid: str | None = self._commit(repo, rev).oid
+        out = []
+        while oid is not None:
+            c = repo.commits[oid]
+            title, _, message = c.message.partition("\n\n")
+            out.append({"id": c.oid, "authors": [{"user": "user"}], "date": c.date, "title": title, "message": message})
+            oid = c.parent
+        self._send_json(200, out)
         return 200
 
     def _tree(self, repo_id: str, rev: str, folder: str) -> int:
