@@ -39,6 +39,7 @@ from huggingface_hub.utils._http import hf_raise_for_status
 from huggingface_hub.utils.tqdm import tqdm as _hf_tqdm
 
 from . import _hub_guard as guard
+from ._io import check_stop
 from .errors import HostileServerError
 
 logger = logging.getLogger(__name__)
@@ -182,6 +183,7 @@ def _get(job: _Job, fh: BinaryIO, bar: Any) -> None:
             fh.write(chunk)
             job.hasher.update(chunk)
             bar.update(len(chunk))
+            check_stop()  # Ctrl-C: the bytes so far stay in the partial file for the next call
     if fh.tell() != job.size:  # a body that ended early without a transport error
         raise job.hostile(f"a file of another size than it declared ({job.name}: {fh.tell():,} of {job.size:,} bytes)")
 
