@@ -94,8 +94,12 @@ def download(
     with WeakFileLock(lock):
         if not blob.is_file():
             _fetch(_Job(repo_id, name, commit, etag, size, sha256, url, headers, where), progress)
-        guard.contained(blob, root, repo_id, f"the cached {name}")
+        guard.contained(blob, root / "blobs", repo_id, f"the cached {name}")
+        if blob.stat().st_size != size:  # a blob of another file (a lying ETag) is not linked as this one
+            raise HostileServerError(repo_id, where, f"sent the ETag {etag} for {name}, which names a cached "
+                                     f"file of {blob.stat().st_size:,} bytes, not the card's {size:,}")
         link.parent.mkdir(parents=True, exist_ok=True)
+        guard.contained(link.parent, root, repo_id, f"the snapshot folder of {name}")
         _link(blob, link)
     return link
 
@@ -117,7 +121,14 @@ def _fetch(job: _Job, progress: bool) -> None:
     """Fill (or resume) the partial file to the declared size, check it, and rename it to the blob. A resumed
     file that does not check out is fetched once more from its first byte (the partial file may be damaged)."""
     for attempt in (1, 2):
-        with open(job.partial, "ab+") as fh:
+        try:  # O_NOFOLLOW: a partial file planted as a symlink is not written through
+            fd = os.open(job.partial, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            if not job.partial.is_symlink():
+                raise
+            raise HostileServerError(job.repo_id, "the Hugging Face cache", f"holds the partial file "
+                                     f"{job.partial.name} as a symlink: not followed") from e
+        with os.fdopen(fd, "ab+") as fh:
             fh.seek(0, os.SEEK_END)
             if fh.tell() > job.size:  # not ours to trust: start again
                 fh.truncate(0)

@@ -98,6 +98,20 @@ def test_a_damaged_partial_file_never_becomes_a_cached_blob(request, hub, hub_en
     assert "does not match its card; downloading it again" in caplog.text
 
 
+def test_a_partial_file_planted_as_a_symlink_is_not_written_through(request, hub, hub_env, vector, tmp_path):
+    vec = vector("qwen2_wide")
+    repo = repo_name(request)
+    push(vec, repo, progress=False)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    partial = _transfer.partial_path(repo, entry(vec).sha256)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    partial.symlink_to(victim)
+    with pytest.raises(HostileServerError, match="as a symlink: not followed"):
+        pull(repo, out=tmp_path / "vec", progress=False)
+    assert victim.read_bytes() == b"precious" and not (tmp_path / "vec").exists()
+
+
 def test_a_tampered_file_is_neither_cached_nor_kept_partially(request, hub, hub_env, vector, tmp_path):
     vec = vector("qwen2_wide")
     repo = repo_name(request)
