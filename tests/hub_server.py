@@ -164,9 +164,11 @@ class LocalHub:
         """LFS uploads: ``after`` more are stored, then ``n`` are answered 500 (their bodies are read first)."""
         self.faults.lfs_ok, self.faults.lfs_fail = after, n
 
-    def cut_lfs_uploads(self, *fractions: float) -> None:
-        """The next LFS uploads, one per fraction: that fraction of the body is read, then the connection closes."""
+    def cut_lfs_uploads(self, *fractions: float, after: int = 0) -> None:
+        """After ``after`` more LFS uploads are stored, the next ones, one per fraction: that fraction of the body
+        is read, then the connection closes."""
         self.faults.lfs_cuts = list(fractions)
+        self.faults.lfs_ok = after if after else None
 
     def tamper(self, repo_id: str, path: str, revision: str = "main") -> None:
         """Flip the bytes of a stored file in place (same size; its recorded hashes are left as they were)."""
@@ -428,7 +430,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _lfs_put(self, oid: str) -> int:
         faults = self.hub.faults
-        if faults.lfs_cuts:  # read part of the body, then hang up: the client sees a dropped connection
+        if faults.lfs_cuts and not (faults.lfs_ok or 0) > 0:  # read part of the body, then hang up
             fraction = faults.lfs_cuts.pop(0)
             length = int(self.headers.get("Content-Length") or 0)
             part = self.rfile.read(int(length * fraction))

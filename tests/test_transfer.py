@@ -227,3 +227,20 @@ def test_a_connection_dropped_at_30_percent_of_a_shard_resends_that_shard_only(r
     assert len(cut) == 1 and hub.received[cut[0].sha256] == int(0.3 * cut[0].size) + cut[0].size
     again = push(vec, repo, progress=False)  # and an identical push sends nothing, commits nothing
     assert not again.committed and all(hub.received[s.sha256] == s.size for s in shards if s not in cut)
+
+
+def test_a_push_whose_connection_keeps_dropping_resumes_in_the_next_push(request, hub, hub_env, sharded, monkeypatch):
+    vec, shards = sharded
+    repo = repo_name(request)
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    hub.cut_lfs_uploads(*[0.3] * 1000, after=len(shards) // 2)  # half land, then every upload is cut at 30%
+    with pytest.raises(RegistryUnavailableError, match="connection to the Hub at .* failed"):
+        push(vec, repo, progress=False)
+    landed = {s.sha256 for s in shards} & set(hub.lfs)
+    assert len(landed) == len(shards) // 2 and len(hub.history(repo)) == 1
+    before = dict(hub.received)
+    hub.faults.clear()
+    result = push(vec, repo, progress=False)
+    assert result.committed and len(hub.history(repo)) == 2
+    assert all(hub.received[s.sha256] - before.get(s.sha256, 0) == (0 if s.sha256 in landed else s.size)
+               for s in shards)
