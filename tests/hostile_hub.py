@@ -1,7 +1,8 @@
 """Hostile modes of the local Hub server (tests/hub_server.py): a server that lies, as an attacker's would.
 
 Set ``hub.hostile = Hostile(...)``; the ``hub_env`` fixture resets it. Steps are named after the request:
-``list_models``, ``model_info``, ``tree``, ``create``, ``preupload``, ``lfs_batch``, ``lfs_put``, ``commit``,
+``list_models``, ``model_info``, ``tree``, ``commits`` (the commit list), ``create``, ``preupload``, ``lfs_batch``,
+``lfs_put``, ``commit``,
 ``head`` and ``get`` (a file under /resolve/), ``range`` (a GET with a Range header).
 
 - ``etag``/``commit``: the ETag (and X-Linked-Etag) or X-Repo-Commit header sent for ``target`` (or every file);

@@ -622,7 +622,7 @@ def _step(method: str, p: list[str], headers: Any) -> str:
         rest = p[4:]
         if len(p) == 2:
             return "list_models"
-        if rest[:1] in (["preupload"], ["commit"], ["tree"]):
+        if rest[:1] in (["preupload"], ["commit"], ["commits"], ["tree"]):
             return rest[0]
         return "model_info"
     if p[:3] == ["api", "repos", "create"]:

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 from conftest import HUB_TOKEN
+from hostile_hub import Hostile
 from typer.testing import CliRunner
 
 from rvhub._local_registry import LocalRegistry
 from rvhub.card import CARD_FILE, README_FILE, VectorCard
 from rvhub.cli import app
-from rvhub.errors import IntegrityError, InvalidOptionError
+from rvhub.errors import HostileServerError, IntegrityError, InvalidOptionError, RegistryUnavailableError
 from rvhub.mirror import mirror, parse_location
 from rvhub.registry import info, pull, push
 
@@ -151,3 +152,18 @@ def test_locations(tmp_path, monkeypatch):
     for bad in ("::org/name", "hub::not a repo", "hub::org/name@.."):
         with pytest.raises(InvalidOptionError):
             parse_location(bad)
+
+
+@pytest.mark.parametrize("lie", ["500", "not json", "another commit"])
+def test_a_commit_list_the_server_will_not_give_leaves_dst_as_it_was(request, hub, hub_env, vector, tmp_path, lie):
+    repo = repo_name(request)
+    push(vector("qwen2_plain"), repo, progress=False)
+    hub.hostile = {"500": Hostile(fail={"commits": (500, {})}), "not json": Hostile(bad_json={"commits"}),
+                   "another commit": Hostile()}[lie]
+    if lie == "another commit":  # the list of the parent commit: not the one asked for
+        hub.hostile.handle = lambda h, method, step, parts: (  # type: ignore[method-assign]
+            h._commits(repo, hub.history(repo)[1]) if step == "commits" else None)
+    error = RegistryUnavailableError if lie == "500" else HostileServerError
+    with pytest.raises(error):
+        mirror(repo, f"{tmp_path / 'registry'}::{repo}", progress=False)
+    assert not (tmp_path / "registry").exists()

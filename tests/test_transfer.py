@@ -84,6 +84,30 @@ def test_a_download_that_gives_up_resumes_in_the_next_call(request, hub, hub_env
     assert f"{e.sha256}.incomplete" not in blobs(repo) and blobs(repo)[e.sha256] == e.size
 
 
+def test_an_interrupted_download_keeps_its_bytes_for_the_next_call(request, hub, hub_env, vector, tmp_path,
+                                                                    monkeypatch):
+    from rvhub._io import Interrupted, check_stop
+
+    vec = vector("qwen2_wide")
+    repo = repo_name(request)
+    push(vec, repo, progress=False)
+    e = entry(vec)
+
+    def stop() -> None:  # Ctrl-C after the first chunk written
+        raise Interrupted(2)
+
+    monkeypatch.setattr(_transfer, "check_stop", stop)
+    with pytest.raises(Interrupted):
+        pull(repo, out=tmp_path / "vec", progress=False)
+    kept = blobs(repo)[f"{e.sha256}.incomplete"]
+    assert 0 < kept < e.size and e.sha256 not in blobs(repo) and not (tmp_path / "vec").exists()
+    monkeypatch.setattr(_transfer, "check_stop", check_stop)
+    hub.sent.clear()
+    result = pull(repo, out=tmp_path / "vec", progress=False)
+    assert (Path(result.path) / VECTOR_FILE).read_bytes() == (vec / VECTOR_FILE).read_bytes()
+    assert hub.sent[VECTOR_FILE] == e.size - kept  # a Range from where it stopped
+
+
 def test_a_damaged_partial_file_never_becomes_a_cached_blob(request, hub, hub_env, vector, tmp_path, caplog):
     vec = vector("qwen2_wide")
     repo = repo_name(request)
