@@ -122,6 +122,9 @@ class LocalHub:
         self.lfs: dict[str, bytes] = {}  # uploaded LFS objects by sha256, waiting for (or used by) commits
         self.faults = Faults()
         self.hostile: Hostile | None = None  # a lying server (tests/hostile_hub.py); None: an honest one
+        # like the Hub: /resolve/ of an LFS file answers 302 to a CDN URL (/_cdn/<sha256>/<name>), whose answers
+        # carry an ETag of their own and no X-Repo-Commit
+        self.redirect_lfs = False
         self.log: list[tuple[str, str, int]] = []  # (method, path, status) of every request
         self.sent: Counter[str] = Counter()  # body bytes of /resolve/ GETs sent, per file name
         self.received: Counter[str] = Counter()  # body bytes of LFS uploads read, per sha256 oid
@@ -367,6 +370,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._commit_route(f"{p[2]}/{p[3]}", "/".join(p[5:]))
         if method in ("GET", "HEAD") and len(p) >= 5 and p[2] == "resolve":
             return self._resolve(f"{p[0]}/{p[1]}", p[3], "/".join(p[4:]))
+        if method in ("GET", "HEAD") and len(p) == 3 and p[0] == "_cdn":
+            return self._cdn(p[1], p[2])
         raise HubError(404, f"no route for {method} /{'/'.join(p)}")
 
     def _create_repo(self) -> int:
@@ -592,6 +597,25 @@ class _Handler(BaseHTTPRequestHandler):
             if blob.lfs:
                 headers.update({"X-Linked-Etag": f'"{blob.sha256}"', "X-Linked-Size": str(len(data))})
             name = path.rsplit("/", 1)[-1]
+            if blob.lfs and self.hub.redirect_lfs:
+                self.hub.lfs.setdefault(blob.sha256, data)
+                host = self.hub.url.replace("127.0.0.1", "localhost")  # another host name: not the Hub's
+                location = f"{host}/_cdn/{blob.sha256}/{name}"
+                self._send(302, b"", {**headers, "Location": location})
+                return 302
+        return self._serve(data, headers, name)
+
+    def _cdn(self, sha256: str, name: str) -> int:
+        with self.hub.lock:
+            data = self.hub.lfs.get(sha256)
+        if data is None:
+            raise HubError(404, "no such object")
+        return self._serve(data, {"ETag": f'"cdn-{sha256[:16]}"', "Accept-Ranges": "bytes",
+                                  "Content-Type": "application/octet-stream"}, name)
+
+    def _serve(self, data: bytes, headers: dict[str, str], name: str) -> int:
+        """A file's bytes (a Range of them), cut where a fault hook says."""
+        with self.hub.lock:
             cuts = self.hub.faults.drops.get(name) if self.command == "GET" else None
             cut = cuts.pop(0) if cuts else None
         status, start, end = 200, 0, len(data)

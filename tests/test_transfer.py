@@ -64,6 +64,24 @@ def test_a_download_cut_at_any_byte_resumes_in_the_same_call(request, hub, hub_e
     assert len(gets) == (3 if cut + 1000 < size else 2)
 
 
+def test_a_download_redirected_to_a_cdn_resumes_there(request, hub, hub_env, vector, tmp_path):
+    """As on the Hub: the LFS file's bytes come from a CDN whose answers carry their own ETag."""
+    vec = vector("qwen2_wide")
+    repo = repo_name(request)
+    push(vec, repo, progress=False)
+    size = entry(vec).size
+    hub.cut_downloads(VECTOR_FILE, int(0.3 * size))
+    hub.redirect_lfs = True
+    try:
+        result = pull(repo, out=tmp_path / "vec", progress=False)
+    finally:
+        hub.redirect_lfs = False
+    assert (Path(result.path) / VECTOR_FILE).read_bytes() == (vec / VECTOR_FILE).read_bytes()
+    assert hub.sent[VECTOR_FILE] == size
+    cdn = [p for m, p, _ in hub.log if m == "GET" and p.startswith(f"/_cdn/{entry(vec).sha256}/")]
+    assert len(cdn) >= 2  # the cut request and the resumed one (earlier tests may have fetched it too)
+
+
 def test_a_download_that_gives_up_resumes_in_the_next_call(request, hub, hub_env, vector, tmp_path):
     vec = vector("qwen2_wide")
     repo = repo_name(request)
