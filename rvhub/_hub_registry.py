@@ -63,6 +63,7 @@ logger = logging.getLogger(__name__)
 
 COMMIT_ATTEMPTS = 3  # a commit the Hub answers with 5xx (or a dropped connection) is retried this often
 RETRY_WAIT_S = 0.5  # times the attempt number
+_MAX_MESSAGE = 1 << 16  # a commit message read for `mirror`
 
 
 class HubRegistry(Registry):
@@ -236,6 +237,9 @@ class HubRegistry(Registry):
         if first.get("id") != commit or not isinstance(title, str) or not isinstance(message, str):
             raise HostileServerError(repo_id, self.description, f"sent a commit list that does not start with "
                                      f"commit {commit[:12]} and its title and message")
+        if len(title) + len(message) > _MAX_MESSAGE:
+            raise HostileServerError(repo_id, self.description, f"sent a commit message of "
+                                     f"{len(title) + len(message):,} characters (rvhub takes at most {_MAX_MESSAGE:,})")
         return f"{title}\n\n{message}" if message.strip() else title
 
     def list_repos(self, query: str | None, limit: int) -> list[tuple[str, str | None]]:
