@@ -47,6 +47,8 @@ __all__ = [
     "vector_added",
     "evaluate_vector",
     "EvalReport",
+    "mirror_vector",
+    "MirrorResult",
 ]
 
 _EXPORTS = {  # public name -> (module, name there)
@@ -81,6 +83,8 @@ _EXPORTS = {  # public name -> (module, name there)
     "vector_added": ("rvhub.inmemory", "vector_added"),
     "evaluate_vector": ("rvhub.eval", "evaluate_vector"),
     "EvalReport": ("rvhub.eval", "EvalReport"),
+    "mirror_vector": ("rvhub.mirror", "mirror"),
+    "MirrorResult": ("rvhub.mirror", "MirrorResult"),
 }
 
 if TYPE_CHECKING:
@@ -101,6 +105,8 @@ if TYPE_CHECKING:
     from .formats import VectorFolder
     from .inmemory import add_vector, vector_added
     from .inspect import InspectReport, inspect_vector
+    from .mirror import MirrorResult
+    from .mirror import mirror as mirror_vector
     from .registry import info as vector_info
     from .registry import open_registry
     from .registry import pull as pull_vector

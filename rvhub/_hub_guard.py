@@ -13,8 +13,10 @@ rely on the library to have fixed that; two guards stand between them:
 2. :func:`contained`: every path rvhub reads, or deletes, in the cache is resolved and must lie inside the
    folder of that repo in the cache before it is touched; symlinks that leave it are refused.
 
-Keeping the library's downloader (rather than one of rvhub's own) keeps the Hugging Face cache layout, so
-``HF_HUB_OFFLINE=1`` works from what was pulled before, and xet/CDN redirects keep working.
+The files a card lists are downloaded by rvhub's resumable downloader (``_transfer``), which runs on that same
+client, so these checks apply to it too; it keeps the Hugging Face cache layout, so ``HF_HUB_OFFLINE=1`` works
+from what was pulled before, and CDN redirects keep working. Cards, model files and headers go through the
+library's own downloader.
 """
 
 from __future__ import annotations

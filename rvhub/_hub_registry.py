@@ -42,10 +42,12 @@ from huggingface_hub.utils.sha import git_hash
 from huggingface_hub.utils.tqdm import disable_progress_bars
 
 from . import _hub_guard as guard
+from . import _transfer
 from ._secrets import scrub
 from .card import CARD_FILE, VectorCard
 from .errors import (
     AuthError,
+    DownloadIntegrityError,
     HostileServerError,
     RateLimitedError,
     RegistryError,
@@ -61,6 +63,7 @@ logger = logging.getLogger(__name__)
 
 COMMIT_ATTEMPTS = 3  # a commit the Hub answers with 5xx (or a dropped connection) is retried this often
 RETRY_WAIT_S = 0.5  # times the attempt number
+_MAX_MESSAGE = 1 << 16  # a commit message read for `mirror`
 
 
 class HubRegistry(Registry):
@@ -111,8 +114,9 @@ class HubRegistry(Registry):
                 if not ops:  # after a failed attempt, an empty diff means that attempt did land
                     return PushResult(commit=head, committed=attempt > 1, uploaded=[], deleted=[], **result)
                 try:
-                    info = api.create_commit(repo_id, ops, commit_message=message, revision=branch,
-                                             parent_commit=head)
+                    summary, _, description = message.partition("\n\n")  # as the Hub keeps it: title, description
+                    info = api.create_commit(repo_id, ops, commit_message=summary, revision=branch,
+                                             commit_description=description or None, parent_commit=head)
                 except (HfHubHTTPError, httpx2.TransportError, RuntimeError) as e:
                     cause = _http_cause(e)
                     if cause is None:
@@ -176,12 +180,19 @@ class HubRegistry(Registry):
         if not guard.SHA1.fullmatch(commit):
             raise HostileServerError(repo_id, self.description, f"sent a commit id {commit!r} that is not a sha1")
         folder = guard.repo_cache(repo_id) / "snapshots" / commit
-        sizes = {e.path: e.size for e in VectorCard.read(folder).files}
+        entries = {e.path: e for e in VectorCard.read(folder).files}
         with self._errors(repo_id, commit, "download"), _bars(progress):
             for name in names:
-                limit = sizes.get(name)
-                self._download(repo_id, name, commit, guard.MAX_CARD_BYTES if limit is None else limit,
-                               declared=limit is not None)
+                entry = entries.get(name)
+                if entry is None or constants.HF_HUB_OFFLINE:  # the card itself; or offline: from the cache
+                    self._download(repo_id, name, commit, guard.MAX_CARD_BYTES if entry is None else entry.size,
+                                   declared=entry is not None)
+                    continue
+                try:  # resumable, and verified against the card before it is cached (see _transfer)
+                    _transfer.download(repo_id, name, commit, size=entry.size, sha256=entry.sha256,
+                                       endpoint=self.endpoint, token=self._token, progress=progress)
+                except _transfer.Mismatch as e:
+                    raise DownloadIntegrityError(f"{repo_id}@{commit[:12]}", name, self.description) from e
         return folder
 
     def _download(self, repo_id: str, name: str, revision: str | None, limit: int, *, declared: bool) -> Path:
@@ -203,6 +214,33 @@ class HubRegistry(Registry):
                 blob = guard.contained(link, root / "blobs", repo_id, f"the cached {name}")
                 blob.unlink(missing_ok=True)
             link.unlink(missing_ok=True)
+
+    def commit_message(self, repo_id: str, commit: str) -> str | None:
+        """The first entry of the commit list at ``commit`` (one page, bounded JSON), which must be that commit."""
+        from huggingface_hub import get_session
+        from huggingface_hub.utils._headers import build_hf_headers
+        from huggingface_hub.utils._http import hf_raise_for_status
+
+        from ._untrusted import parse_json
+
+        if not guard.SHA1.fullmatch(commit):
+            raise HostileServerError(repo_id, self.description, f"sent a commit id {commit!r} that is not a sha1")
+        url = f"{self.endpoint}/api/models/{repo_id}/commits/{commit}"
+        with self._errors(repo_id, commit, "read"), guard.bounded(repo_id, "the commit list", guard.MAX_API_BYTES):
+            response = get_session().get(url, headers=build_hf_headers(token=self._token))
+            hf_raise_for_status(response)
+            items = parse_json(response.content, "the commit list", max_bytes=guard.MAX_API_BYTES,
+                               error=lambda why: HostileServerError(repo_id, self.description,
+                                                                    f"sent a commit list rvhub cannot read ({why})"))
+        first = items[0] if isinstance(items, list) and items and isinstance(items[0], dict) else {}
+        title, message = first.get("title"), first.get("message")
+        if first.get("id") != commit or not isinstance(title, str) or not isinstance(message, str):
+            raise HostileServerError(repo_id, self.description, f"sent a commit list that does not start with "
+                                     f"commit {commit[:12]} and its title and message")
+        if len(title) + len(message) > _MAX_MESSAGE:
+            raise HostileServerError(repo_id, self.description, f"sent a commit message of "
+                                     f"{len(title) + len(message):,} characters (rvhub takes at most {_MAX_MESSAGE:,})")
+        return f"{title}\n\n{message}" if message.strip() else title
 
     def list_repos(self, query: str | None, limit: int) -> list[tuple[str, str | None]]:
         with self._errors("(search)", None, "search"), guard.bounded("(search)", "the model list", guard.MAX_API_BYTES):

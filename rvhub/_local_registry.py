@@ -173,6 +173,10 @@ class LocalRegistry(Registry):
     def fetch(self, repo_id: str, commit: str, names: list[str], progress: bool) -> Path:
         return self._snapshot(repo_id, commit, names)  # verified by the caller; nothing to download
 
+    def commit_message(self, repo_id: str, commit: str) -> str | None:
+        message = self._commit(repo_id, commit).get("message")
+        return message if isinstance(message, str) else None
+
     def list_repos(self, query: str | None, limit: int) -> list[tuple[str, str | None]]:
         if not self.root.is_dir():
             return []

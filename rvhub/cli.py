@@ -641,6 +641,36 @@ def pull(
 
 
 @app.command()
+def mirror(
+    source: Annotated[str, typer.Argument(
+        help="What to copy: \\[REGISTRY::]org/name\\[@rev]. REGISTRY is `hub` or a registry folder; without it, "
+        "$RVHUB_REGISTRY if set, else the Hub. rev: a branch or a commit (default main).", show_default=False)],
+    destination: Annotated[str, typer.Argument(
+        help="Where to: \\[REGISTRY::]org/name\\[@branch] (created if needed; branch default main).",
+        show_default=False)],
+    private: Annotated[bool, typer.Option("--private", help="Create DST's repo private (a new repo only).")] = False,
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Copy a vector revision between registries (Hub → folder, folder → Hub, folder → folder), every file
+    checked against the card before DST is written; same card, same commit message; a repeat makes no commit.
+
+    E.g. `rvhub mirror user/vec /srv/rv::user/vec`, `rvhub mirror /srv/rv::user/vec@dev hub::org/vec`."""
+    from .mirror import mirror as run
+
+    def human(r: Any) -> str:
+        src = f"{r.source} @ {r.source_commit[:12]} ({r.source_registry})"
+        dst = f"{r.repo_id}@{r.branch} ({r.registry})"
+        if not r.committed:
+            return f"{dst} already holds {src} (commit {r.commit[:12]}): no change"
+        return (f"mirrored {src} → {dst}: commit {r.commit[:12]}, {len(r.files)} files ({_mb(r.bytes)}), sha256 "
+                f"verified, {len(r.uploaded)} uploaded")
+
+    _run(debug, json_out, lambda: run(source, destination, private=private, progress=not quiet), human)
+
+
+@app.command()
 def info(
     ref: Annotated[str, typer.Argument(help="org/name or org/name@revision.")],
     registry: RegistryOpt = None,

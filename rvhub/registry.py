@@ -229,6 +229,11 @@ class Registry(ABC):
     def list_repos(self, query: str | None, limit: int) -> list[tuple[str, str | None]]:
         """(repo id, commit) of the vector repos whose id contains ``query``."""
 
+    def commit_message(self, repo_id: str, commit: str) -> str | None:
+        """The message of ``commit`` (its title, a blank line and its description, if it has one); None where the
+        registry keeps no messages."""
+        return None
+
 
 def open_registry(registry: str | Path | Registry | None = None) -> Registry:
     """A registry folder (``registry``, else the RVHUB_REGISTRY variable) or, without either, the Hub."""

@@ -153,8 +153,8 @@ def hub_env(hub: LocalHub, monkeypatch: pytest.MonkeyPatch, tmp_path_factory: py
     monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
     monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)
     monkeypatch.delenv("RVHUB_REGISTRY", raising=False)
-    hub.faults.fail_commits = 0
-    hub.faults.drops.clear()
+    hub.faults.clear()
+    hub.sent.clear(), hub.received.clear()
     hub.hostile = None
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_DISABLE_PROGRESS_BARS", "RVHUB_DEBUG")}
     env.update(HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0", HF_HUB_DISABLE_XET="1", HF_TOKEN=HUB_TOKEN,

@@ -1,10 +1,12 @@
 """Hostile modes of the local Hub server (tests/hub_server.py): a server that lies, as an attacker's would.
 
 Set ``hub.hostile = Hostile(...)``; the ``hub_env`` fixture resets it. Steps are named after the request:
-``list_models``, ``model_info``, ``tree``, ``create``, ``preupload``, ``lfs_batch``, ``lfs_put``, ``commit``,
+``list_models``, ``model_info``, ``tree``, ``commits`` (the commit list), ``create``, ``preupload``, ``lfs_batch``,
+``lfs_put``, ``commit``,
 ``head`` and ``get`` (a file under /resolve/), ``range`` (a GET with a Range header).
 
 - ``etag``/``commit``: the ETag (and X-Linked-Etag) or X-Repo-Commit header sent for ``target`` (or every file);
+  ``range_etag``: the same on Range GETs only (the HEAD and a plain GET stay honest);
 - ``content_length``: the Content-Length declared for ``target`` (the real body is sent, then the connection
   closed); ``get_length``: the same on GET only, sending only that many bytes (HEAD stays honest);
   ``endless``: ``target``'s GET body never ends (chunked; the fixture stops at ``ENDLESS_CAP`` bytes or when the
@@ -30,6 +32,7 @@ class Hostile:
     target: str | None = None
     etag: str | None = None
     commit: str | None = None
+    range_etag: str | None = None
     content_length: int | None = None
     get_length: int | None = None
     endless: bool = False
@@ -95,6 +98,8 @@ class Hostile:
             headers["ETag"] = headers["X-Linked-Etag"] = self.etag
         if self.commit is not None:
             headers["X-Repo-Commit"] = self.commit
+        if self.range_etag is not None and h.headers.get("Range") and h.command == "GET":
+            headers["ETag"] = headers["X-Linked-Etag"] = self.range_etag
         return headers
 
     def _lie_about_body(self, h: Any, step: str, parts: list[str]) -> int:

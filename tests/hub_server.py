@@ -6,8 +6,12 @@ Range) and list models, with the headers the client reads (X-Repo-Commit, ETag/X
 X-Linked-Size, X-Error-Code). Everything lives in memory. One token is valid; writes need it, and so do reads
 of private repos; any other token is refused on every endpoint, as the Hub does.
 
-Fault hooks for tests: ``fail_next_commits`` (answer 500), ``drop_next_downloads`` (send the headers and part of
-the body, then close the connection), ``tamper`` (flip stored bytes so they no longer match their hash).
+Fault hooks for tests: ``fail_next_commits`` (answer 500), ``drop_next_downloads`` / ``cut_downloads`` (send
+the headers and the body up to a byte position of the file, then close the connection), ``fail_lfs_uploads``
+(answer 500 to LFS uploads from the k-th on), ``cut_lfs_uploads`` (read an LFS upload up to a fraction of its
+body, then close the connection), ``tamper`` (flip stored bytes so they no longer match their hash). Byte
+counters: ``sent`` (file body bytes sent, per file name) and ``received`` (LFS upload body bytes read, per
+sha256), whatever became of them.
 
 It is a test fixture, not a product feature: no xet, no PRs, no tags, only model repos.
 """
@@ -20,6 +24,7 @@ import json
 import re
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -97,7 +102,15 @@ class HubError(Exception):
 @dataclass
 class Faults:
     fail_commits: int = 0  # answer 500 to this many commit requests
-    drops: dict[str, tuple[int, int]] = field(default_factory=dict)  # file name -> (times left, bytes sent)
+    drops: dict[str, list[int]] = field(default_factory=dict)  # file name -> the file position each next GET stops at
+    lfs_ok: int | None = None  # with lfs_fail: LFS uploads still answered normally before the failures start
+    lfs_fail: int = 0  # then answer 500 to this many LFS uploads (after reading their bodies)
+    lfs_cuts: list[float] = field(default_factory=list)  # the next LFS uploads: close after this fraction of the body
+
+    def clear(self) -> None:
+        self.fail_commits, self.lfs_ok, self.lfs_fail = 0, None, 0
+        self.drops.clear()
+        self.lfs_cuts.clear()
 
 
 class LocalHub:
@@ -109,7 +122,12 @@ class LocalHub:
         self.lfs: dict[str, bytes] = {}  # uploaded LFS objects by sha256, waiting for (or used by) commits
         self.faults = Faults()
         self.hostile: Hostile | None = None  # a lying server (tests/hostile_hub.py); None: an honest one
+        # like the Hub: /resolve/ of an LFS file answers 302 to a CDN URL (/_cdn/<sha256>/<name>), whose answers
+        # carry an ETag of their own and no X-Repo-Commit
+        self.redirect_lfs = False
         self.log: list[tuple[str, str, int]] = []  # (method, path, status) of every request
+        self.sent: Counter[str] = Counter()  # body bytes of /resolve/ GETs sent, per file name
+        self.received: Counter[str] = Counter()  # body bytes of LFS uploads read, per sha256 oid
         self.lock = threading.RLock()
         self._server: ThreadingHTTPServer | None = None
         self.url = ""
@@ -136,8 +154,24 @@ class LocalHub:
         self.faults.fail_commits = n
 
     def drop_next_downloads(self, filename: str, n: int = 1, after_bytes: int = 1024) -> None:
-        """The next ``n`` GETs of ``filename`` send full headers and ``after_bytes`` of the body, then close."""
-        self.faults.drops[filename] = (n, after_bytes)
+        """The next ``n`` GETs of ``filename`` send full headers and the body up to byte ``after_bytes`` of the
+        file, then close (a Range GET that starts at or past it sends no byte)."""
+        self.cut_downloads(filename, *[after_bytes] * n)
+
+    def cut_downloads(self, filename: str, *positions: int) -> None:
+        """The next GETs of ``filename``, one per position: headers, then the body up to that byte of the file,
+        then the connection closes."""
+        self.faults.drops[filename] = list(positions)
+
+    def fail_lfs_uploads(self, after: int, n: int = 1000) -> None:
+        """LFS uploads: ``after`` more are stored, then ``n`` are answered 500 (their bodies are read first)."""
+        self.faults.lfs_ok, self.faults.lfs_fail = after, n
+
+    def cut_lfs_uploads(self, *fractions: float, after: int = 0) -> None:
+        """After ``after`` more LFS uploads are stored, the next ones, one per fraction: that fraction of the body
+        is read, then the connection closes."""
+        self.faults.lfs_cuts = list(fractions)
+        self.faults.lfs_ok = after if after else None
 
     def tamper(self, repo_id: str, path: str, revision: str = "main") -> None:
         """Flip the bytes of a stored file in place (same size; its recorded hashes are left as they were)."""
@@ -319,6 +353,8 @@ class _Handler(BaseHTTPRequestHandler):
                     return self._model_info(repo_id, "main")
                 if method == "GET" and rest[:1] == ["revision"] and len(rest) >= 2:
                     return self._model_info(repo_id, "/".join(rest[1:]))
+                if method == "GET" and rest[:1] == ["commits"] and len(rest) >= 2:
+                    return self._commits(repo_id, "/".join(rest[1:]))
                 if method == "GET" and rest[:1] == ["tree"] and len(rest) >= 2:
                     return self._tree(repo_id, rest[1], "/".join(rest[2:]))
                 if method == "POST" and rest[:1] == ["preupload"] and len(rest) >= 2:
@@ -334,6 +370,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._commit_route(f"{p[2]}/{p[3]}", "/".join(p[5:]))
         if method in ("GET", "HEAD") and len(p) >= 5 and p[2] == "resolve":
             return self._resolve(f"{p[0]}/{p[1]}", p[3], "/".join(p[4:]))
+        if method in ("GET", "HEAD") and len(p) == 3 and p[0] == "_cdn":
+            return self._cdn(p[1], p[2])
         raise HubError(404, f"no route for {method} /{'/'.join(p)}")
 
     def _create_repo(self) -> int:
@@ -396,7 +434,22 @@ class _Handler(BaseHTTPRequestHandler):
         return 200
 
     def _lfs_put(self, oid: str) -> int:
+        faults = self.hub.faults
+        if faults.lfs_cuts and not (faults.lfs_ok or 0) > 0:  # read part of the body, then hang up
+            fraction = faults.lfs_cuts.pop(0)
+            length = int(self.headers.get("Content-Length") or 0)
+            part = self.rfile.read(int(length * fraction))
+            self.hub.received[oid] += len(part)
+            self.close_connection = True
+            self.connection.shutdown(2)
+            return 0
         data = self._body()
+        self.hub.received[oid] += len(data)
+        if faults.lfs_ok is not None and faults.lfs_ok <= 0 and faults.lfs_fail > 0:
+            faults.lfs_fail -= 1
+            raise HubError(500, "Internal Error - We're working hard to fix this as soon as possible!")
+        if faults.lfs_ok is not None and faults.lfs_ok > 0:
+            faults.lfs_ok -= 1
         if hashlib.sha256(data).hexdigest() != oid:
             raise HubError(400, "uploaded content does not match its sha256 oid")
         self.hub.lfs[oid] = data
@@ -439,7 +492,8 @@ class _Handler(BaseHTTPRequestHandler):
                 raise HubError(412, "A commit has happened since. Please refresh and try again.")
             # like `git commit --allow-empty`: content equal to the parent's still makes a commit, so a client
             # that does not detect its own no-op shows up in the history
-            oid = self.hub._new_commit(repo, parent.oid, files, header.get("summary", ""))
+            message = header.get("summary", "") + (f"\n\n{header['description']}" if header.get("description") else "")
+            oid = self.hub._new_commit(repo, parent.oid, files, message)
             repo.branches[rev] = oid
         self._send_json(200, {"success": True, "commitOid": oid, "commitUrl": f"{self.hub.url}/{repo_id}/commit/{oid}"})
         return 200
@@ -495,6 +549,19 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(200, out[:limit])
         return 200
 
+    def _commits(self, repo_id: str, rev: str) -> int:
+        """The history from ``rev`` back, newest first (one page: the fixture's histories are short)."""
+        repo = self._repo(repo_id)
+        oid: str | None = self._commit(repo, rev).oid
+        out = []
+        while oid is not None:
+            c = repo.commits[oid]
+            title, _, message = c.message.partition("\n\n")
+            out.append({"id": c.oid, "authors": [{"user": "user"}], "date": c.date, "title": title, "message": message})
+            oid = c.parent
+        self._send_json(200, out)
+        return 200
+
     def _tree(self, repo_id: str, rev: str, folder: str) -> int:
         commit = self._commit(self._repo(repo_id), rev)
         recursive = (self.query.get("recursive") or ["false"])[0].lower() in ("1", "true")
@@ -530,9 +597,27 @@ class _Handler(BaseHTTPRequestHandler):
             if blob.lfs:
                 headers.update({"X-Linked-Etag": f'"{blob.sha256}"', "X-Linked-Size": str(len(data))})
             name = path.rsplit("/", 1)[-1]
-            drop = self.hub.faults.drops.pop(name, None) if self.command == "GET" else None
-            if drop and drop[0] > 1:
-                self.hub.faults.drops[name] = (drop[0] - 1, drop[1])
+            if blob.lfs and self.hub.redirect_lfs:
+                self.hub.lfs.setdefault(blob.sha256, data)
+                host = self.hub.url.replace("127.0.0.1", "localhost")  # another host name: not the Hub's
+                location = f"{host}/_cdn/{blob.sha256}/{name}"
+                self._send(302, b"", {**headers, "Location": location})
+                return 302
+        return self._serve(data, headers, name)
+
+    def _cdn(self, sha256: str, name: str) -> int:
+        with self.hub.lock:
+            data = self.hub.lfs.get(sha256)
+        if data is None:
+            raise HubError(404, "no such object")
+        return self._serve(data, {"ETag": f'"cdn-{sha256[:16]}"', "Accept-Ranges": "bytes",
+                                  "Content-Type": "application/octet-stream"}, name)
+
+    def _serve(self, data: bytes, headers: dict[str, str], name: str) -> int:
+        """A file's bytes (a Range of them), cut where a fault hook says."""
+        with self.hub.lock:
+            cuts = self.hub.faults.drops.get(name) if self.command == "GET" else None
+            cut = cuts.pop(0) if cuts else None
         status, start, end = 200, 0, len(data)
         span = _byte_range(self.headers.get("Range", ""), len(data))
         if span is not None:
@@ -542,12 +627,16 @@ class _Handler(BaseHTTPRequestHandler):
             status = 206
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(data)}"
         body = data[start:end]
-        if drop:  # full headers, part of the body, then the connection goes away
-            self._send(status, body[: drop[1]], headers, length=len(body))
+        if cut is not None:  # full headers, the body up to that byte of the file, then the connection goes away
+            part = body[: max(0, cut - start)]
+            self._send(status, part, headers, length=len(body))
+            self.hub.sent[name] += len(part)
             self.wfile.flush()
             self.close_connection = True
             return status
         self._send(status, body, headers)
+        if self.command == "GET":
+            self.hub.sent[name] += len(body)
         return status
 
 
@@ -557,7 +646,7 @@ def _step(method: str, p: list[str], headers: Any) -> str:
         rest = p[4:]
         if len(p) == 2:
             return "list_models"
-        if rest[:1] in (["preupload"], ["commit"], ["tree"]):
+        if rest[:1] in (["preupload"], ["commit"], ["commits"], ["tree"]):
             return rest[0]
         return "model_info"
     if p[:3] == ["api", "repos", "create"]:
