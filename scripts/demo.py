@@ -294,10 +294,12 @@ def main(argv: list[str] | None = None) -> None:
           f"the merged model: {pc['lora_tensors']} LoRA-module weights agree to "
           f"{pc['max_abs_diff']:.1e} (max abs); rvhub also adds the exact residual to {pc['residual_tensors']} "
           f"tensors ({100 * rep['residual_energy']:.1f}% of ‖v‖²), which PEFT cannot hold")
+    same_tok = (merged / "tokenizer.json").read_bytes() == (fam.target / "tokenizer.json").read_bytes()
+    print(f"  merged model's tokenizer and chat template are target's: {same_tok}")
     print(f"\nall outputs in {ROOT}; {time.perf_counter() - t0:.0f}s ({time.perf_counter() - t0 - built:.0f}s "
           "after the family)")
     ok = (ex["exact"] and checks["target"]["ok"] and not checks["other"]["ok"] and found["hits"]
-          and pc["max_abs_diff"] < 1e-4)
+          and pc["max_abs_diff"] < 1e-4 and same_tok)
     if not ok:
         sys.exit("demo check failed")
 
