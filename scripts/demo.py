@@ -1,4 +1,4 @@
-"""The main job end to end, offline, on the trained toy family (python -m rvhub.toy build; cached).
+"""The main job end to end, offline, on the trained toy family (rvhub.toy.build_family; cached).
 
 v = rl − sft, where rl is sft trained further with GRPO: extract (exact) → compress to a LoRA adapter → rvhub eval
 on target (target, +v, −v and a Gaussian control of v's per-tensor norm; lm-eval on the family's held-out test
@@ -27,15 +27,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent / "demo-out"
 REPO = "demo/toy-grpo-reasoning-vector"
 TASK, ADV_TASK = "rvhub_toy", "rvhub_toy_adv"
-LIMIT = 600  # the whole held-out test set; one task, one batch per run: the warm demo stays near two minutes
+LIMIT = 600  # the whole held-out test set, one task and one batch per run: 4 generate calls in all
 RANK = 16
 EXAMPLES = 3
 ALPHA = 0.05
 # nothing is downloaded: every Hugging Face library works from local files only
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
 QUIET = {"extract", "compress", "apply", "eval", "push", "pull"}  # the commands with a progress bar
 
 
