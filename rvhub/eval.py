@@ -240,20 +240,30 @@ def evaluate_vector(
     )
 
 
-_TASK_MANAGERS: dict[str | None, Any] = {}
+_TASK_MANAGERS: dict[tuple[str | None, bool], Any] = {}
 
 
 def _task_manager(lm_eval: Any, include_path: str | Path | None, tasks: list[str]) -> Any:
     """lm-eval's TaskManager over its own tasks and ``include_path``; unknown task names are refused with
-    where they were looked for."""
+    where they were looked for. When every task is a plain task of ``include_path``, lm-eval's own thousands of
+    task YAMLs are not indexed (that takes 10–50 s on two cores)."""
     from lm_eval.tasks import TaskManager
 
     if include_path is not None and not Path(include_path).is_dir():
         raise InvalidOptionError("--include-path", str(include_path), "a folder of task YAML files")
     key = str(Path(include_path).resolve()) if include_path is not None else None
-    if key not in _TASK_MANAGERS:  # indexing lm-eval's thousands of task YAMLs takes seconds: once per process
-        _TASK_MANAGERS[key] = TaskManager(include_path=key)
-    tm = _TASK_MANAGERS[key]
+
+    def manager(defaults: bool) -> Any:
+        if (key, defaults) not in _TASK_MANAGERS:  # indexing is slow: once per process
+            _TASK_MANAGERS[key, defaults] = TaskManager(include_path=key, include_defaults=defaults)
+        return _TASK_MANAGERS[key, defaults]
+
+    if key is not None:
+        local = manager(False)
+        # groups and tags may name built-in tasks: only plain local tasks are sure to need nothing else
+        if set(tasks) <= set(local.all_subtasks):
+            return local
+    tm = manager(True)
     known = set(tm.all_tasks)
     unknown = [t for t in tasks if t not in known]
     if unknown:

@@ -232,3 +232,15 @@ def test_help_mentions_every_option():
                    "--gen-kwargs", "--seed", "--device", "--dtype", "--output-dir", "--force", "--json", "--quiet"):
         assert option in result.stdout, option
     assert "org/name[@rev]" in result.stdout and "rvhub[eval]" in result.stdout
+
+
+def test_local_tasks_skip_indexing_lm_evals_own_but_built_in_names_still_resolve(trained):  # type: ignore[no-untyped-def]
+    import lm_eval
+
+    from rvhub.eval import _task_manager
+
+    local = _task_manager(lm_eval, trained.tasks, [TASK])
+    assert TASK in local.all_subtasks and "arc_easy" not in local.all_tasks  # only the local folder was indexed
+    both = _task_manager(lm_eval, trained.tasks, [TASK, "arc_easy"])
+    assert {TASK, "arc_easy"} <= set(both.all_tasks)
+    assert _task_manager(lm_eval, trained.tasks, [TASK]) is local  # once per process
