@@ -563,6 +563,9 @@ def push(
         str | None, typer.Option("--revision", help="Branch to commit to (created from main if needed).")
     ] = None,
     message: Annotated[str | None, typer.Option("--message", "-m", help="Commit message.")] = None,
+    keep_local_paths: Annotated[bool, typer.Option(
+        "--keep-local-paths", help="Publish local model paths in full (default: the folder name and content hash)."
+    )] = False,
     registry: RegistryOpt = None,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
@@ -575,13 +578,17 @@ def push(
 
     def human(r: Any) -> str:
         where = f"{r.repo_id}@{r.branch}"
+        scrubbed = (f"\nlocal paths published as folder name + content hash only ({', '.join(r.scrubbed)}); "
+                    "--keep-local-paths keeps them") if r.scrubbed else ""
         if not r.committed:
-            return f"{where} already holds this vector (commit {r.commit[:12]}): no new commit"
+            return f"{where} already holds this vector (commit {r.commit[:12]}): no new commit{scrubbed}"
         deleted = f", removed {len(r.deleted)} stale" if r.deleted else ""
-        return f"pushed {where}: commit {r.commit[:12]}, {len(r.uploaded)} of {len(r.files)} files uploaded{deleted}"
+        return (f"pushed {where}: commit {r.commit[:12]}, {len(r.uploaded)} of {len(r.files)} files uploaded"
+                f"{deleted}{scrubbed}")
 
     _run(debug, json_out, lambda: run(
         vector, repo_id, registry=registry, private=private, revision=revision, message=message, progress=not quiet,
+        keep_local_paths=keep_local_paths,
     ), human)
 
 

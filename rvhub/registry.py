@@ -87,6 +87,8 @@ class PushResult:
     uploaded: list[str]
     deleted: list[str]
     registry: str
+    #: card fields whose local paths were published as their last component only (see rvhub._public)
+    scrubbed: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -256,10 +258,13 @@ def push(
     revision: str | None = None,
     message: str | None = None,
     progress: bool = True,
+    keep_local_paths: bool = False,
 ) -> PushResult:
     """Publish a vector folder as ``repo_id`` (created if needed) in one commit on ``revision`` (a branch).
 
-    The card and every file's size and sha256 are checked first, before any network call.
+    The card and every file's size and sha256 are checked first, before any network call. Local folder paths
+    in the card are published as their last component (a local model keeps its content sha256), unless
+    ``keep_local_paths``; the folder itself keeps them (see ``rvhub._public``).
     """
     folder = Path(folder)
     check_repo_id(repo_id)
@@ -267,19 +272,27 @@ def push(
     check_revision(branch)
     card = VectorCard.read(folder)
     verify_files(folder, card)
-    uploads = vector_uploads(folder, card, repo_id)
+    scrubbed: list[str] = []
+    if not keep_local_paths:
+        from ._public import public_card
+
+        card, scrubbed = public_card(card)
+    uploads = vector_uploads(folder, card, repo_id, card_json=card.to_json().encode() if scrubbed else None)
     reg = open_registry(registry)
     for kept in reg.owned_paths() if reg.publish_writes_owned else []:  # the registry is this command's output
         check_apart(kept, [folder], what="registry")
     text = message or f"rvhub push: {card.format} vector, {len(card.tensors)} tensors"
-    return reg.publish(repo_id, uploads, private=private, branch=branch, message=text, progress=progress)
+    result = reg.publish(repo_id, uploads, private=private, branch=branch, message=text, progress=progress)
+    return replace(result, scrubbed=scrubbed)
 
 
-def vector_uploads(folder: Path, card: VectorCard, repo_id: str) -> list[Upload]:
-    """The files of a vector repo: what the card lists, the card itself, and README.md rendered from the card
-    for this repo id (so its how-to names the repo; the folder's own README.md has a placeholder)."""
+def vector_uploads(folder: Path, card: VectorCard, repo_id: str, card_json: bytes | None = None) -> list[Upload]:
+    """The files of a vector repo: what the card lists, the card itself (the folder's, or ``card_json``), and
+    README.md rendered from the card for this repo id (so its how-to names the repo; the folder's own
+    README.md has a placeholder)."""
     names = [e.path for e in card.files if e.path not in (CARD_FILE, README_FILE)]
-    uploads = [Upload(n, folder / n) for n in names] + [Upload(CARD_FILE, folder / CARD_FILE)]
+    card_file = Upload(CARD_FILE, card_json if card_json is not None else folder / CARD_FILE)
+    uploads = [Upload(n, folder / n) for n in names] + [card_file]
     uploads.append(Upload(README_FILE, card.to_readme(repo_id=repo_id).encode()))
     return uploads
 
