@@ -15,6 +15,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,7 @@ from .errors import (
     RvhubError,
     VectorFormatError,
 )
-from .registry import VECTOR_TAG, PushResult, Registry, Upload, VectorRef
+from .registry import VECTOR_TAG, Listed, PushResult, Registry, Upload, VectorRef
 
 logger = logging.getLogger(__name__)
 
@@ -204,10 +205,16 @@ class HubRegistry(Registry):
                 blob.unlink(missing_ok=True)
             link.unlink(missing_ok=True)
 
-    def list_repos(self, query: str | None, limit: int) -> list[tuple[str, str | None]]:
+    def list_vectors(self, query: str | None, tags: list[str], limit: int | None, sort: str | None) -> list[Listed]:
+        """One ``list_models`` listing filtered by ``tags``, followed page by page (the Link header) up to
+        ``limit``; each page is bounded like any answer, and what it says of a model is taken only where it has
+        the right type."""
         with self._errors("(search)", None, "search"), guard.bounded("(search)", "the model list", guard.MAX_API_BYTES):
-            models = self._api().list_models(filter=VECTOR_TAG, search=query or None, limit=limit)
-            return [(str(m.id), m.sha if isinstance(m.sha, str) else None) for m in models]
+            models = self._api().list_models(
+                filter=tags or [VECTOR_TAG], search=query or None, limit=limit, sort=sort,  # type: ignore[arg-type]
+                expand=["sha", "tags", "downloads", "likes", "lastModified"],
+            )
+            return [_listed_model(m) for m in models]
 
     # -------------------------------------------------------------- errors
 
@@ -293,6 +300,18 @@ class HubRegistry(Registry):
         if self._token:
             text = text.replace(self._token, "***")
         return scrub(text)
+
+def _listed_model(m: Any) -> Listed:
+    tags = m.tags if isinstance(m.tags, list) and all(isinstance(t, str) for t in m.tags) else None
+    modified = getattr(m, "last_modified", None)
+    return Listed(
+        repo_id=str(m.id), commit=m.sha if isinstance(m.sha, str) else None,
+        tags=tuple(tags) if tags is not None else None,
+        downloads=m.downloads if type(m.downloads) is int else None,
+        likes=m.likes if type(m.likes) is int else None,
+        last_modified=modified.strftime("%Y-%m-%dT%H:%M:%SZ") if isinstance(modified, datetime) else None,
+    )
+
 
 def _server_message(e: HfHubHTTPError) -> str:
     return ascii((e.server_message or _first_line(e)).strip())[1:-1][:200]

@@ -50,6 +50,11 @@ def shape_tag(shape_hash: str) -> str:
     return SHAPE_TAG_PREFIX + shape_hash
 
 
+def hub_tags(card: VectorCard) -> list[str]:
+    """The tags of the card's README.md YAML (on the Hub, the repo's tags)."""
+    return TAGS + (["lora"] if card.format == "lora" else []) + fit_tags(card)
+
+
 def fit_tags(card: VectorCard) -> list[str]:
     """``rvhub-shape-<16 hex>`` (the `from` model's :func:`rvhub.compat.shape_hash`, when the card records one)
     and ``rvhub-arch-<model_type>`` (when the model_type makes a plain tag)."""
@@ -71,7 +76,7 @@ def render_readme(card: VectorCard, repo_id: str | None = None) -> str:
         base_model_relation="adapter" if _base_models(card) else None,
         library_name="peft" if lora else None,
         license=card.license,
-        tags=TAGS + (["lora"] if lora else []) + fit_tags(card),
+        tags=hub_tags(card),
         model_name=_title(card),
         eval_results=_eval_results(card) or None,
     )

@@ -50,6 +50,12 @@ class VectorFormat(str, Enum):
     dense = "dense"
 
 
+class SortChoice(str, Enum):  # registry.SORTS (not imported here: search's --help stays light)
+    downloads = "downloads"
+    likes = "likes"
+    last_modified = "last_modified"
+
+
 # Options shared by several commands, defined once.
 QuietOpt = Annotated[
     bool, typer.Option("--quiet", "-q", help="No progress bar (also off with HF_HUB_DISABLE_PROGRESS_BARS=1).")
@@ -667,12 +673,19 @@ def search(
         str | None,
         typer.Option("--base", help="Only vectors that fit this target (folder or org/name; headers only)."),
     ] = None,
-    limit: Annotated[int, typer.Option("--limit", help="At most this many repos.")] = 50,
+    limit: Annotated[int, typer.Option("--limit", help="Limit the number of results.")] = 50,
+    sort: Annotated[
+        SortChoice | None, typer.Option("--sort", help="Sort results, largest or newest first (as `hf models ls`).")
+    ] = None,
+    include_untagged: Annotated[bool, typer.Option(
+        "--include-untagged", help="With --base: also read, card by card, vectors pushed without fit tags (slow)."
+    )] = False,
     registry: RegistryOpt = None,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """List vector repos (on the Hub: models tagged reasoning-vector)."""
+    """List vector repos (on the Hub: models tagged reasoning-vector); with --base, those a target can take,
+    found by its shape tag in one listing."""
     from .registry import search as run
 
     def human(r: Any) -> str:
@@ -686,9 +699,16 @@ def search(
         if r.rejected:
             lines.append(f"{len(r.rejected)} more do not fit {r.base}:" if r.base else f"{len(r.rejected)} skipped:")
             lines += [f"  {h.repo_id}: {h.fit.reason}" for h in r.rejected]
+        if r.base is not None and r.untagged_read is None:
+            lines.append(f"searched the vectors tagged {r.shape_tag}; vectors pushed without fit tags were skipped "
+                         "(--include-untagged reads them card by card)")
+        elif r.base is not None:
+            lines.append(f"also read {r.untagged_read} untagged vector(s) card by card; skipped "
+                         f"{r.other_shapes_skipped} tagged with another shape, unread")
         return "\n".join(lines)
 
-    _run(debug, json_out, lambda: run(query, base, registry=registry, limit=limit), human)
+    _run(debug, json_out, lambda: run(query, base, registry=registry, limit=limit,
+                                      sort=sort.value if sort else None, include_untagged=include_untagged), human)
 
 
 @app.command()
