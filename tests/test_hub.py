@@ -150,8 +150,9 @@ def test_branches_and_revisions(request, registry, vector, tmp_path):
     dev = push(vector("qwen2_hard"), repo, registry=registry, revision="dev", progress=False)
     assert dev.committed and dev.branch == "dev"
     assert info(repo, registry=registry).commit == main.commit
-    assert info(f"{repo}@dev", registry=registry).card == public_card(VectorCard.read(vector("qwen2_hard")))[0]
-    assert info(f"{repo}@{main.commit}", registry=registry).card == public_card(VectorCard.read(vector("qwen2_plain")))[0]
+    published = {name: public_card(VectorCard.read(vector(name)))[0] for name in ("qwen2_hard", "qwen2_plain")}
+    assert info(f"{repo}@dev", registry=registry).card == published["qwen2_hard"]
+    assert info(f"{repo}@{main.commit}", registry=registry).card == published["qwen2_plain"]
     with pytest.raises(RevisionNotFoundError, match="'nope' not found"):
         pull(f"{repo}@nope", registry=registry, out=tmp_path / "o", progress=False)
     assert_no_output(tmp_path / "o")
