@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 VECTOR_TAG = "reasoning-vector"
 SORTS = ("downloads", "likes", "last_modified")  # `hf models ls --sort` names; descending, as the Hub sorts
 MAX_LISTED = 100_000  # a listing ends here whatever a server keeps sending
+CARD_READERS = 8  # cards search reads at once
 REGISTRY_ENV = "RVHUB_REGISTRY"
 # ASCII only, matched in full (a '$' would let a trailing newline through, '\w' would take any letter)
 _NAME = r"[A-Za-z0-9_](?:[A-Za-z0-9_\-.]{0,94}[A-Za-z0-9_])?"  # the Hub's rule: no leading/trailing '-' or '.'
@@ -468,17 +469,33 @@ def search(
             found.append(hit)
     hits: list[SearchHit] = []
     rejected: list[SearchHit] = list(bad)
-    for hit in found:
-        try:
-            card_dir, commit = reg.fetch_card(VectorRef(hit.repo_id, hit.commit))
-            card = VectorCard.read(card_dir)
-        except (VectorFormatError, RegistryError) as e:  # one unreadable repo does not end the search
-            rejected.append(replace(hit, fit=Fit(False, str(e))))
+    for hit, read in zip(found, _read_cards(reg, found), strict=True):
+        if isinstance(read, str):  # one unreadable repo does not end the search
+            rejected.append(replace(hit, fit=Fit(False, read)))
             continue
+        card, commit = read
         fit = fit_to_base(card, target)  # the real check: a listing (or a tag) may lie
         (hits if fit.fits else rejected).append(replace(hit, commit=commit, card=card, fit=fit))
     return SearchResult(reg.description, query, base, hits[:limit], rejected, shape_tag=tag,
                         untagged_read=untagged_read, other_shapes_skipped=other_shapes)
+
+
+def _read_cards(reg: Registry, hits: list[SearchHit]) -> list[tuple[VectorCard, str] | str]:
+    """Each hit's card and the commit it resolved to (or why it cannot be read), :data:`CARD_READERS` at a
+    time: on the Hub a card costs two round trips, and the matches' cards do not depend on each other."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def read(hit: SearchHit) -> tuple[VectorCard, str] | str:
+        try:
+            card_dir, commit = reg.fetch_card(VectorRef(hit.repo_id, hit.commit))
+            return VectorCard.read(card_dir), commit
+        except (VectorFormatError, RegistryError) as e:
+            return str(e)
+
+    if len(hits) <= 1:
+        return [read(h) for h in hits]
+    with ThreadPoolExecutor(max_workers=min(CARD_READERS, len(hits)), thread_name_prefix="rvhub-card") as pool:
+        return list(pool.map(read, hits))
 
 
 def _listed(repos: list[Listed], where: str) -> tuple[list[SearchHit], list[SearchHit]]:
