@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import HUB_TOKEN
+from hub_server import LocalHub
 from typer.testing import CliRunner
 
 from rvhub._public import is_local_path, public_card
@@ -28,12 +31,26 @@ def _published(hub, registry: Path | None, repo: str) -> dict[str, str]:
     return {n: (registry / repo / "snapshots" / commit / n).read_text() for n in ("rvhub.json", "README.md")}
 
 
+@pytest.fixture
+def hub(monkeypatch) -> Iterator[LocalHub]:
+    """A server of this test's own (the session's keeps no LFS object a later test expects to upload)."""
+    from huggingface_hub import constants
+
+    server = LocalHub.start(HUB_TOKEN)
+    monkeypatch.setattr(constants, "ENDPOINT", server.url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        server.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)
+    monkeypatch.delenv("RVHUB_REGISTRY", raising=False)
+    yield server
+    server.close()
+
+
 @pytest.fixture(params=["hub", "local"])
-def where(request, tmp_path):
-    if request.param == "hub":
-        request.getfixturevalue("hub_env")
-        return None
-    return tmp_path / "registry"
+def where(request, hub, tmp_path):
+    return None if request.param == "hub" else tmp_path / "registry"
 
 
 def test_push_publishes_folder_names_and_content_hashes_only(request, hub, where, vector, trio, tmp_path):

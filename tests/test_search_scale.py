@@ -83,6 +83,15 @@ def world100(vector, tmp_path_factory) -> Iterator[World]:
 
 
 @pytest.fixture
+def own_hub(monkeypatch) -> Iterator[LocalHub]:
+    """A server of this test's own (the session's keeps no LFS object a later test expects to upload)."""
+    hub = LocalHub.start(HUB_TOKEN)
+    _point(monkeypatch, hub)
+    yield hub
+    hub.close()
+
+
+@pytest.fixture
 def on(monkeypatch):
     """``on(world)``: point huggingface_hub at that world's server for this test."""
     def point(world: World) -> World:
@@ -109,7 +118,7 @@ def test_search_base_reads_only_the_matches_whatever_the_number_of_vectors(world
     hits500, requests500, pages500 = _search(big, target)
     assert sorted(hits500) == big.matching  # exactly the vectors of the target's shape, all of which fit
     assert pages100 == pages500 == 1
-    assert requests100 == requests500 <= 1 + 2 * MATCHES  # one listing page, the card of each match (HEAD, GET)
+    assert requests100 == requests500 == 1 + 2 * MATCHES  # one listing page, the card of each match (HEAD, GET)
     cards = [p for m, p, _ in big.hub.log[-requests500:] if m == "GET" and p.endswith("/rvhub.json")]
     assert sorted(p.split("/")[2] for p in cards) == sorted(r.split("/")[1] for r in big.matching)
 
@@ -121,6 +130,19 @@ def test_paging_follows_the_link_header(world500, on, trio):
     world.hub.page_size = 7
     paged, _, pages = _search(world, target, sort="downloads")
     assert paged == whole and pages == -(-MATCHES // 7)  # 3 pages of at most 7
+
+
+def test_a_listing_of_endless_pages_is_refused(world500, on, trio, monkeypatch):
+    import rvhub._hub_registry as hub_registry
+    from rvhub.errors import HostileServerError
+
+    world = on(world500)
+    monkeypatch.setattr(hub_registry, "MAX_LIST_PAGES", 2)
+    world.hub.page_size = 7  # 20 matches: 3 pages, one more than allowed here
+    with pytest.raises(HostileServerError, match="sent more than 2 pages of one model list"):
+        search(base=str(trio("qwen2_plain").target))
+    world.hub.page_size = 10
+    assert len(search(base=str(trio("qwen2_plain").target)).hits) == MATCHES  # 2 pages: fine
 
 
 @pytest.mark.parametrize("sort, key", [("downloads", "downloads"), ("likes", "likes"),
@@ -144,7 +166,7 @@ def test_sorting_and_limit(world500, on, trio, sort, key):
         assert [h.listed.downloads for h in top.hits] == sorted((value(r) for r in hits[:3]), reverse=True)
 
 
-def test_untagged_vectors_are_read_card_by_card_only_when_asked(request, hub, hub_env, vector, trio):
+def test_untagged_vectors_are_read_card_by_card_only_when_asked(request, own_hub, vector, trio):
     """Vectors pushed before the tags (cards without shape_hash) are not in the fast listing; with
     --include-untagged they are read one by one, and tagged ones of another shape are skipped unread."""
     q, ll = vector("qwen2_plain"), vector("llama_plain")
@@ -153,8 +175,8 @@ def test_untagged_vectors_are_read_card_by_card_only_when_asked(request, hub, hu
 
     name = request.node.name.replace("_", "-")[:40].strip("-")
     for i in range(3):
-        hub.put_repo(f"untag/{name}-oldq{i}", repo_files(q, old_q, f"untag/{name}-oldq{i}"))
-    hub.put_repo(f"untag/{name}-oldl", repo_files(ll, old_l, f"untag/{name}-oldl"))
+        own_hub.put_repo(f"untag/{name}-oldq{i}", repo_files(q, old_q, f"untag/{name}-oldq{i}"))
+    own_hub.put_repo(f"untag/{name}-oldl", repo_files(ll, old_l, f"untag/{name}-oldl"))
     push(q, f"untag/{name}-new", progress=False)
     push(ll, f"untag/{name}-newl", progress=False)
     target = str(trio("qwen2_plain").target)
@@ -172,7 +194,7 @@ def test_untagged_vectors_are_read_card_by_card_only_when_asked(request, hub, hu
     assert "also read 4 untagged vector(s) card by card; skipped 1 tagged with another shape" in shown.stdout
 
 
-def test_a_listing_that_lies_is_filtered_by_the_real_check(request, hub, hub_env, vector, trio):
+def test_a_listing_that_lies_is_filtered_by_the_real_check(request, own_hub, vector, trio):
     """A repo whose tags claim the target's shape but whose card is llama's: listed, read, refused."""
     from search_world import repo_files
 
@@ -180,7 +202,7 @@ def test_a_listing_that_lies_is_filtered_by_the_real_check(request, hub, hub_env
     tag_of_target = shape_hash(open_target(target))
     name = request.node.name.replace("_", "-")[:40].strip("-")
     liar = with_shape(VectorCard.read(vector("llama_plain")), tag_of_target)
-    hub.put_repo(f"liar/{name}-lies", repo_files(vector("llama_plain"), liar, f"liar/{name}-lies"))
+    own_hub.put_repo(f"liar/{name}-lies", repo_files(vector("llama_plain"), liar, f"liar/{name}-lies"))
     push(vector("qwen2_plain"), f"liar/{name}-honest", progress=False)
     found = search(name, base=target)
     assert [h.repo_id for h in found.hits] == [f"liar/{name}-honest"]
