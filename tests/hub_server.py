@@ -153,23 +153,6 @@ class LocalHub:
             data[mid : mid + 16] = bytes(b ^ 0xFF for b in data[mid : mid + 16])
             self.cards.pop(commit.oid, None)
 
-    def put_repo(self, repo_id: str, files: dict[str, bytes], *, downloads: int = 0, likes: int = 0,
-                 date: str | None = None) -> str:
-        """Create ``repo_id`` holding ``files`` in one commit, as a push would leave it, without the HTTP round
-        trips (for tests that need hundreds of repos); returns the commit id."""
-        with self.lock:
-            repo = self.create_repo(repo_id, private=False)
-            repo.downloads, repo.likes = downloads, likes
-            blobs = dict(repo.commits[repo.branches["main"]].files)
-            for path, data in files.items():
-                lfs = path.endswith(LFS_SUFFIXES) or len(data) >= LFS_MIN_SIZE
-                blobs[path] = Blob(bytearray(data), hashlib.sha256(data).hexdigest(), lfs=lfs)
-            oid = self._new_commit(repo, repo.branches["main"], blobs, "put_repo")
-            if date is not None:
-                repo.commits[oid].date = date
-            repo.branches["main"] = oid
-            return oid
-
     def history(self, repo_id: str, branch: str = "main") -> list[str]:
         with self.lock:
             return self.repos[repo_id].history(branch) if repo_id in self.repos else []

@@ -14,7 +14,7 @@ import pytest
 from conftest import HUB_TOKEN
 from hub_server import LocalHub
 from huggingface_hub import constants
-from search_world import Kind, fill, with_shape
+from search_world import Kind, fill, put_repo, with_shape
 from typer.testing import CliRunner
 
 from rvhub.card import VectorCard
@@ -175,8 +175,8 @@ def test_untagged_vectors_are_read_card_by_card_only_when_asked(request, own_hub
 
     name = request.node.name.replace("_", "-")[:40].strip("-")
     for i in range(3):
-        own_hub.put_repo(f"untag/{name}-oldq{i}", repo_files(q, old_q, f"untag/{name}-oldq{i}"))
-    own_hub.put_repo(f"untag/{name}-oldl", repo_files(ll, old_l, f"untag/{name}-oldl"))
+        put_repo(own_hub, f"untag/{name}-oldq{i}", repo_files(q, old_q, f"untag/{name}-oldq{i}"))
+    put_repo(own_hub, f"untag/{name}-oldl", repo_files(ll, old_l, f"untag/{name}-oldl"))
     push(q, f"untag/{name}-new", progress=False)
     push(ll, f"untag/{name}-newl", progress=False)
     target = str(trio("qwen2_plain").target)
@@ -202,7 +202,7 @@ def test_a_listing_that_lies_is_filtered_by_the_real_check(request, own_hub, vec
     tag_of_target = shape_hash(open_target(target))
     name = request.node.name.replace("_", "-")[:40].strip("-")
     liar = with_shape(VectorCard.read(vector("llama_plain")), tag_of_target)
-    own_hub.put_repo(f"liar/{name}-lies", repo_files(vector("llama_plain"), liar, f"liar/{name}-lies"))
+    put_repo(own_hub, f"liar/{name}-lies", repo_files(vector("llama_plain"), liar, f"liar/{name}-lies"))
     push(vector("qwen2_plain"), f"liar/{name}-honest", progress=False)
     found = search(name, base=target)
     assert [h.repo_id for h in found.hits] == [f"liar/{name}-honest"]
