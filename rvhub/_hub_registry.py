@@ -12,9 +12,11 @@ card declares.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +59,7 @@ from .errors import (
     RvhubError,
     VectorFormatError,
 )
-from .registry import VECTOR_TAG, PushResult, Registry, Upload, VectorRef
+from .registry import VECTOR_TAG, Listed, PushResult, Registry, Upload, VectorRef
 
 logger = logging.getLogger(__name__)
 
@@ -242,10 +244,17 @@ class HubRegistry(Registry):
                                      f"{len(title) + len(message):,} characters (rvhub takes at most {_MAX_MESSAGE:,})")
         return f"{title}\n\n{message}" if message.strip() else title
 
-    def list_repos(self, query: str | None, limit: int) -> list[tuple[str, str | None]]:
-        with self._errors("(search)", None, "search"), guard.bounded("(search)", "the model list", guard.MAX_API_BYTES):
-            models = self._api().list_models(filter=VECTOR_TAG, search=query or None, limit=limit)
-            return [(str(m.id), m.sha if isinstance(m.sha, str) else None) for m in models]
+    def list_vectors(self, query: str | None, tags: list[str], limit: int | None, sort: str | None) -> list[Listed]:
+        """One ``list_models`` listing filtered by ``tags``, followed page by page (the Link header) up to
+        ``limit``; each page is bounded like any answer, and what it says of a model is taken only where it has
+        the right type."""
+        bounded = guard.bounded("(search)", "the model list", guard.MAX_API_BYTES)
+        with self._errors("(search)", None, "search"), bounded, _pages_counted(self.description):
+            models = self._api().list_models(
+                filter=tags or [VECTOR_TAG], search=query or None, limit=limit, sort=sort,  # type: ignore[arg-type]
+                expand=["sha", "tags", "downloads", "likes", "lastModified"],
+            )
+            return [_listed_model(m) for m in models]
 
     # -------------------------------------------------------------- errors
 
@@ -331,6 +340,47 @@ class HubRegistry(Registry):
         if self._token:
             text = text.replace(self._token, "***")
         return scrub(text)
+
+MAX_LIST_PAGES = 1000  # pages of one listing: the Hub's are 1,000 models; a server sending endless pages stops here
+_pages: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("rvhub_list_pages", default=None)
+
+
+@contextlib.contextmanager
+def _pages_counted(where: str) -> Iterator[None]:
+    """Within this block, a listing that asks for more than :data:`MAX_LIST_PAGES` pages is refused: the
+    client follows every Link header a server sends, and its limit counts models, not (empty) pages."""
+    from huggingface_hub import get_session
+
+    hooks = get_session().event_hooks["request"]
+    if _count_page not in hooks:
+        hooks.append(_count_page)
+    token = _pages.set({"n": 0, "where": where})
+    try:
+        yield
+    finally:
+        _pages.reset(token)
+
+
+def _count_page(request: Any) -> None:
+    state = _pages.get()
+    if state is None or str(request.url.path).rstrip("/") != "/api/models":
+        return
+    state["n"] += 1
+    if state["n"] > MAX_LIST_PAGES:
+        raise HostileServerError("(search)", state["where"], f"sent more than {MAX_LIST_PAGES} pages of one model list")
+
+
+def _listed_model(m: Any) -> Listed:
+    tags = m.tags if isinstance(m.tags, list) and all(isinstance(t, str) for t in m.tags) else None
+    modified = getattr(m, "last_modified", None)
+    return Listed(
+        repo_id=str(m.id), commit=m.sha if isinstance(m.sha, str) else None,
+        tags=tuple(tags) if tags is not None else None,
+        downloads=m.downloads if type(m.downloads) is int else None,
+        likes=m.likes if type(m.likes) is int else None,
+        last_modified=modified.strftime("%Y-%m-%dT%H:%M:%SZ") if isinstance(modified, datetime) else None,
+    )
+
 
 def _server_message(e: HfHubHTTPError) -> str:
     return ascii((e.server_message or _first_line(e)).strip())[1:-1][:200]

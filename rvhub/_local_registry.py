@@ -49,7 +49,7 @@ from .errors import (
     RvhubError,
     VectorFormatError,
 )
-from .registry import PushResult, Registry, Upload, VectorRef, check_repo_id, check_revision
+from .registry import Listed, PushResult, Registry, Upload, VectorRef, check_repo_id, check_revision
 
 logger = logging.getLogger(__name__)
 
@@ -177,24 +177,11 @@ class LocalRegistry(Registry):
         message = self._commit(repo_id, commit).get("message")
         return message if isinstance(message, str) else None
 
-    def list_repos(self, query: str | None, limit: int) -> list[tuple[str, str | None]]:
-        if not self.root.is_dir():
-            return []
-        out: list[tuple[str, str | None]] = []
-        for ref in sorted(self.root.glob("*/*/refs/main")):
-            repo_id = str(ref.parent.parent.relative_to(self.root))
-            try:
-                check_repo_id(repo_id)
-            except InvalidOptionError:
-                logger.warning("skipped %r in %s: not a repo id", repo_id, self.description)
-                continue
-            if query is None or query.lower() in repo_id.lower():
-                try:
-                    commit: str | None = self._read_ref(repo_id, ref)
-                except RegistryDamagedError:
-                    commit = None  # reading its card fails with the reason; the search goes on
-                out.append((repo_id, commit))
-        return out[:limit]
+    def list_vectors(self, query: str | None, tags: list[str], limit: int | None, sort: str | None) -> list[Listed]:
+        """From the registry's index (``.rvhub/index.json``, see ``_local_index``), not a walk over every repo."""
+        from . import _local_index
+
+        return _local_index.list_vectors(self, query, tags, limit, sort)
 
     # -------------------------------------------------------------- writing
 
@@ -209,7 +196,12 @@ class LocalRegistry(Registry):
                 self._inside(repo_id, repo / sub)
             with _locked(repo_id, repo / ".lock"):
                 _clear_stale(repo, ("", "refs", "commits", "blobs"))
-                return self._publish(repo_id, repo, uploads, private, branch, message)
+                result = self._publish(repo_id, repo, uploads, private, branch, message)
+                if branch == "main":  # what search lists: main heads
+                    from . import _local_index
+
+                    _local_index.record(self, repo_id)
+                return result
         except RvhubError:
             raise
         except OSError as e:  # e.g. a vector file removed while it was being copied

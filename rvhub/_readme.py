@@ -39,6 +39,31 @@ _EMBED_START = "<!-- rvhub-card\n"
 _EMBED_END = "\n-->"
 _MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|~!#&])")
 TAGS = ["reasoning-vector", "task-vector", "rvhub"]
+# plain tags (the Hub derives colon tags such as base_model:… itself) that say what a vector fits, so that a
+# Hub listing filtered by them finds the vectors a target can take (rvhub search --base)
+SHAPE_TAG_PREFIX = "rvhub-shape-"
+ARCH_TAG_PREFIX = "rvhub-arch-"
+_ARCH_TAG = re.compile(r"[a-z0-9][a-z0-9_\-.]{0,63}")
+
+
+def shape_tag(shape_hash: str) -> str:
+    return SHAPE_TAG_PREFIX + shape_hash
+
+
+def hub_tags(card: VectorCard) -> list[str]:
+    """The tags of the card's README.md YAML (on the Hub, the repo's tags)."""
+    return TAGS + (["lora"] if card.format == "lora" else []) + fit_tags(card)
+
+
+def fit_tags(card: VectorCard) -> list[str]:
+    """``rvhub-shape-<16 hex>`` (the `from` model's :func:`rvhub.compat.shape_hash`, when the card records one)
+    and ``rvhub-arch-<model_type>`` (when the model_type makes a plain tag)."""
+    fp = card.fingerprints
+    tags = [shape_tag(fp.architecture.shape_hash)] if fp is not None and fp.architecture.shape_hash else []
+    model_type = fp.architecture.model_type if fp is not None else card.model_type
+    if model_type and _ARCH_TAG.fullmatch(model_type):
+        tags.append(ARCH_TAG_PREFIX + model_type)
+    return tags
 
 
 def render_readme(card: VectorCard, repo_id: str | None = None) -> str:
@@ -51,7 +76,7 @@ def render_readme(card: VectorCard, repo_id: str | None = None) -> str:
         base_model_relation="adapter" if _base_models(card) else None,
         library_name="peft" if lora else None,
         license=card.license,
-        tags=TAGS + (["lora"] if lora else []),
+        tags=hub_tags(card),
         model_name=_title(card),
         eval_results=_eval_results(card) or None,
     )

@@ -396,7 +396,7 @@ def _fingerprints(fp: Fingerprints | None, entries: list[Any]) -> Fingerprints |
     shapes = [TensorShape(name=e.name, shape=e.shape) for e in sorted(entries, key=lambda e: e.name)]
     arch = ArchitectureFingerprint(
         model_type=fp.architecture.model_type, tensors=shapes,
-        sha256=architecture_sha256(fp.architecture.model_type, shapes),
+        sha256=architecture_sha256(fp.architecture.model_type, shapes), shape_hash=fp.architecture.shape_hash,
     )
     return fp.model_copy(update={"architecture": arch})
 

@@ -34,9 +34,11 @@ CARD_FILE = "rvhub.json"
 README_FILE = "README.md"
 # 1: no card had been published when fingerprints, benchmarks and the Hub card were added (with defaults, so
 # a card written before them still reads). 2: combined vectors (formula "combination" + provenance); every
-# version-1 card is a valid version-2 card. Bump it for any change an older rvhub cannot read.
-SCHEMA_VERSION: Literal[2] = 2
-READABLE_SCHEMA_VERSIONS = (1, 2)
+# version-1 card is a valid version-2 card. 3: the architecture fingerprint's shape_hash (what the Hub search
+# by fingerprint finds a vector by); every older card is a valid version-3 card. Bump it for any change an
+# older rvhub cannot read.
+SCHEMA_VERSION: Literal[3] = 3
+READABLE_SCHEMA_VERSIONS = (1, 2, 3)
 HUB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9_.\-]+$"
 HubId = Annotated[str, Field(pattern=HUB_ID_PATTERN, description="a Hugging Face Hub model id, org/name")]
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
@@ -154,6 +156,12 @@ class ArchitectureFingerprint(_Frozen):
     model_type: str | None = Field(description="config.json model_type of the `from` model")
     tensors: list[TensorShape] = Field(description="every tensor the vector touches, sorted by name")
     sha256: Sha256 = Field(description="sha256 of model_type and the (name, shape) list, see architecture_sha256")
+    shape_hash: str | None = Field(
+        default=None, pattern=r"^[0-9a-f]{16}$",
+        description="16 hex digits over every tensor name and shape of the `from` model, the vector's or not "
+        "(rvhub.compat.shape_hash; schema 3): push tags the repo rvhub-shape-<shape_hash>, and search --base finds "
+        "it by the target's own; None in cards written before it",
+    )
 
     @model_validator(mode="after")
     def _hash_matches(self) -> ArchitectureFingerprint:
@@ -374,7 +382,7 @@ class Provenance(_Frozen):
 class VectorCard(_Frozen):
     """Manifest of a reasoning-vector folder (``rvhub.json``)."""
 
-    schema_version: Literal[1, 2] = Field(default=SCHEMA_VERSION, description="version of this schema")
+    schema_version: Literal[1, 2, 3] = Field(default=SCHEMA_VERSION, description="version of this schema")
     rvhub_version: str = Field(default=__version__, description="the rvhub version that wrote the card")
     formula: Literal["to - from", "combination"] = Field(
         default="to - from",
@@ -507,10 +515,11 @@ class VectorCard(_Frozen):
             newer = type(version) is int and version > SCHEMA_VERSION
             writer = f", written by rvhub {str(raw.get('rvhub_version'))[:40]}" if raw.get("rvhub_version") else ""
             hint = "read it with a newer rvhub" if newer else "it is not an rvhub card"
+            *older, last = READABLE_SCHEMA_VERSIONS
             raise VectorFormatError(
                 where,
                 f"{CARD_FILE} has schema_version {version!r}{writer}; this rvhub ({__version__}) reads schema "
-                f"versions {' and '.join(map(str, READABLE_SCHEMA_VERSIONS))} only: {hint}",
+                f"versions {', '.join(map(str, older))} and {last} only: {hint}",
                 field="schema_version",
             )
         try:

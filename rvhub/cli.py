@@ -50,6 +50,12 @@ class VectorFormat(str, Enum):
     dense = "dense"
 
 
+class SortChoice(str, Enum):  # registry.SORTS (not imported here: search's --help stays light)
+    downloads = "downloads"
+    likes = "likes"
+    last_modified = "last_modified"
+
+
 # Options shared by several commands, defined once.
 QuietOpt = Annotated[
     bool, typer.Option("--quiet", "-q", help="No progress bar (also off with HF_HUB_DISABLE_PROGRESS_BARS=1).")
@@ -563,6 +569,9 @@ def push(
         str | None, typer.Option("--revision", help="Branch to commit to (created from main if needed).")
     ] = None,
     message: Annotated[str | None, typer.Option("--message", "-m", help="Commit message.")] = None,
+    keep_local_paths: Annotated[bool, typer.Option(
+        "--keep-local-paths", help="Publish local model paths in full (default: the folder name and content hash)."
+    )] = False,
     registry: RegistryOpt = None,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
@@ -575,13 +584,17 @@ def push(
 
     def human(r: Any) -> str:
         where = f"{r.repo_id}@{r.branch}"
+        scrubbed = (f"\nlocal paths published as folder name + content hash only ({', '.join(r.scrubbed)}); "
+                    "--keep-local-paths keeps them") if r.scrubbed else ""
         if not r.committed:
-            return f"{where} already holds this vector (commit {r.commit[:12]}): no new commit"
+            return f"{where} already holds this vector (commit {r.commit[:12]}): no new commit{scrubbed}"
         deleted = f", removed {len(r.deleted)} stale" if r.deleted else ""
-        return f"pushed {where}: commit {r.commit[:12]}, {len(r.uploaded)} of {len(r.files)} files uploaded{deleted}"
+        return (f"pushed {where}: commit {r.commit[:12]}, {len(r.uploaded)} of {len(r.files)} files uploaded"
+                f"{deleted}{scrubbed}")
 
     _run(debug, json_out, lambda: run(
         vector, repo_id, registry=registry, private=private, revision=revision, message=message, progress=not quiet,
+        keep_local_paths=keep_local_paths,
     ), human)
 
 
@@ -690,12 +703,19 @@ def search(
         str | None,
         typer.Option("--base", help="Only vectors that fit this target (folder or org/name; headers only)."),
     ] = None,
-    limit: Annotated[int, typer.Option("--limit", help="At most this many repos.")] = 50,
+    limit: Annotated[int, typer.Option("--limit", help="Limit the number of results.")] = 50,
+    sort: Annotated[
+        SortChoice | None, typer.Option("--sort", help="Sort results, largest or newest first (as `hf models ls`).")
+    ] = None,
+    include_untagged: Annotated[bool, typer.Option(
+        "--include-untagged", help="With --base: also read, card by card, vectors pushed without fit tags (slow)."
+    )] = False,
     registry: RegistryOpt = None,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """List vector repos (on the Hub: models tagged reasoning-vector)."""
+    """List vector repos (on the Hub: models tagged reasoning-vector); with --base, those a target can take,
+    found by its shape tag in one listing."""
     from .registry import search as run
 
     def human(r: Any) -> str:
@@ -709,9 +729,16 @@ def search(
         if r.rejected:
             lines.append(f"{len(r.rejected)} more do not fit {r.base}:" if r.base else f"{len(r.rejected)} skipped:")
             lines += [f"  {h.repo_id}: {h.fit.reason}" for h in r.rejected]
+        if r.base is not None and r.untagged_read is None:
+            lines.append(f"searched the vectors tagged {r.shape_tag}; vectors pushed without fit tags were skipped "
+                         "(--include-untagged reads them card by card)")
+        elif r.base is not None:
+            lines.append(f"also read {r.untagged_read} untagged vector(s) card by card; skipped "
+                         f"{r.other_shapes_skipped} tagged with another shape, unread")
         return "\n".join(lines)
 
-    _run(debug, json_out, lambda: run(query, base, registry=registry, limit=limit), human)
+    _run(debug, json_out, lambda: run(query, base, registry=registry, limit=limit,
+                                      sort=sort.value if sort else None, include_untagged=include_untagged), human)
 
 
 @app.command()

@@ -89,12 +89,22 @@ def fingerprints(src: ModelSource, touched: list[tuple[str, tuple[int, ...]]], s
     values = config_values(src.config)
     return Fingerprints(
         architecture=ArchitectureFingerprint(
-            model_type=src.model_type, tensors=shapes, sha256=architecture_sha256(src.model_type, shapes)
+            model_type=src.model_type, tensors=shapes, sha256=architecture_sha256(src.model_type, shapes),
+            shape_hash=shape_hash(src),
         ),
         config=ConfigFingerprint(values=values, sha256=canonical_sha256(values)),
         tokenizer=tokenizer_fingerprint(src.root),
         lineage=lineage_sketch(src, seed),
     )
+
+
+def shape_hash(src: ModelSource) -> str:
+    """16 hex digits of the sha256 over every tensor name and shape of ``src`` as its checkpoint stores them
+    (a tied model has no lm_head; dtypes do not count). Equal for two models exactly when they hold the same
+    tensors with the same shapes: the vector's tag ``rvhub-shape-<hash>`` (of its `from` model) and a target's
+    own hash meet in one Hub listing (``rvhub search --base``). A model read by headers (a Hub id) gives the
+    same hash as its folder."""
+    return canonical_sha256(sorted([name, list(t.shape)] for name, t in src.tensors.items()))[:16]
 
 
 def config_values(config: dict[str, Any]) -> dict[str, Any]:

@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 VECTOR_TAG = "reasoning-vector"
+SORTS = ("downloads", "likes", "last_modified")  # `hf models ls --sort` names; descending, as the Hub sorts
+MAX_LISTED = 100_000  # a listing ends here whatever a server keeps sending
+CARD_READERS = 8  # cards search reads at once
 REGISTRY_ENV = "RVHUB_REGISTRY"
 # ASCII only, matched in full (a '$' would let a trailing newline through, '\w' would take any letter)
 _NAME = r"[A-Za-z0-9_](?:[A-Za-z0-9_\-.]{0,94}[A-Za-z0-9_])?"  # the Hub's rule: no leading/trailing '-' or '.'
@@ -87,6 +90,8 @@ class PushResult:
     uploaded: list[str]
     deleted: list[str]
     registry: str
+    #: card fields whose local paths were published as their last component only (see rvhub._public)
+    scrubbed: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -138,11 +143,25 @@ class Fit:
 
 
 @dataclass(frozen=True)
+class Listed:
+    """A vector repo as a registry's listing shows it (checked by :func:`_listed` before use): the tags, counts
+    and date are None where the registry does not say."""
+
+    repo_id: str
+    commit: str | None
+    tags: tuple[str, ...] | None = None
+    downloads: int | None = None
+    likes: int | None = None
+    last_modified: str | None = None
+
+
+@dataclass(frozen=True)
 class SearchHit:
     repo_id: str
     commit: str | None
     card: VectorCard | None = None
     fit: Fit | None = None
+    listed: Listed | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -151,6 +170,9 @@ class SearchHit:
             "format": self.card.format if self.card else None,
             "model_type": self.card.model_type if self.card else None,
             "fit": asdict(self.fit) if self.fit else None,
+            "downloads": self.listed.downloads if self.listed else None,
+            "likes": self.listed.likes if self.listed else None,
+            "last_modified": self.listed.last_modified if self.listed else None,
         }
 
 
@@ -161,10 +183,18 @@ class SearchResult:
     base: str | None
     hits: list[SearchHit]
     rejected: list[SearchHit] = field(default_factory=list)  # with --base: vectors that do not fit
+    #: with --base: the tag the listing asked for (rvhub-shape-<the target's shape hash>)
+    shape_tag: str | None = None
+    #: with --include-untagged: untagged vectors read card by card, and tagged ones of other shapes skipped
+    #: unread; None without it (untagged vectors were then not searched at all)
+    untagged_read: int | None = None
+    other_shapes_skipped: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"registry": self.registry, "query": self.query, "base": self.base,
-                "hits": [h.to_dict() for h in self.hits], "rejected": [h.to_dict() for h in self.rejected]}
+                "hits": [h.to_dict() for h in self.hits], "rejected": [h.to_dict() for h in self.rejected],
+                "shape_tag": self.shape_tag, "untagged_read": self.untagged_read,
+                "other_shapes_skipped": self.other_shapes_skipped}
 
 
 # ------------------------------------------------------------------ the interface
@@ -225,9 +255,15 @@ class Registry(ABC):
     def discard(self, folder: Path, names: list[str]) -> None:  # noqa: B027 (most registries keep no cache)
         """Forget damaged copies of ``names`` in ``folder`` (a cache), so that the next pull fetches them again."""
 
-    @abstractmethod
     def list_repos(self, query: str | None, limit: int) -> list[tuple[str, str | None]]:
         """(repo id, commit) of the vector repos whose id contains ``query``."""
+        return [(x.repo_id, x.commit) for x in self.list_vectors(query, [VECTOR_TAG], limit, None)]
+
+    @abstractmethod
+    def list_vectors(self, query: str | None, tags: list[str], limit: int | None, sort: str | None) -> list[Listed]:
+        """The vector repos whose id contains ``query`` and that carry every tag in ``tags`` (``VECTOR_TAG``
+        among them), in one (paged) listing: sorted by ``sort`` (one of :data:`SORTS`, largest or newest
+        first; None: the registry's own order), at most ``limit`` (None: all)."""
 
     def commit_message(self, repo_id: str, commit: str) -> str | None:
         """The message of ``commit`` (its title, a blank line and its description, if it has one); None where the
@@ -261,10 +297,13 @@ def push(
     revision: str | None = None,
     message: str | None = None,
     progress: bool = True,
+    keep_local_paths: bool = False,
 ) -> PushResult:
     """Publish a vector folder as ``repo_id`` (created if needed) in one commit on ``revision`` (a branch).
 
-    The card and every file's size and sha256 are checked first, before any network call.
+    The card and every file's size and sha256 are checked first, before any network call. Local folder paths
+    in the card are published as their last component (a local model keeps its content sha256), unless
+    ``keep_local_paths``; the folder itself keeps them (see ``rvhub._public``).
     """
     folder = Path(folder)
     check_repo_id(repo_id)
@@ -272,19 +311,27 @@ def push(
     check_revision(branch)
     card = VectorCard.read(folder)
     verify_files(folder, card)
-    uploads = vector_uploads(folder, card, repo_id)
+    scrubbed: list[str] = []
+    if not keep_local_paths:
+        from ._public import public_card
+
+        card, scrubbed = public_card(card)
+    uploads = vector_uploads(folder, card, repo_id, card_json=card.to_json().encode() if scrubbed else None)
     reg = open_registry(registry)
     for kept in reg.owned_paths() if reg.publish_writes_owned else []:  # the registry is this command's output
         check_apart(kept, [folder], what="registry")
     text = message or f"rvhub push: {card.format} vector, {len(card.tensors)} tensors"
-    return reg.publish(repo_id, uploads, private=private, branch=branch, message=text, progress=progress)
+    result = reg.publish(repo_id, uploads, private=private, branch=branch, message=text, progress=progress)
+    return replace(result, scrubbed=scrubbed)
 
 
-def vector_uploads(folder: Path, card: VectorCard, repo_id: str) -> list[Upload]:
-    """The files of a vector repo: what the card lists, the card itself, and README.md rendered from the card
-    for this repo id (so its how-to names the repo; the folder's own README.md has a placeholder)."""
+def vector_uploads(folder: Path, card: VectorCard, repo_id: str, card_json: bytes | None = None) -> list[Upload]:
+    """The files of a vector repo: what the card lists, the card itself (the folder's, or ``card_json``), and
+    README.md rendered from the card for this repo id (so its how-to names the repo; the folder's own
+    README.md has a placeholder)."""
     names = [e.path for e in card.files if e.path not in (CARD_FILE, README_FILE)]
-    uploads = [Upload(n, folder / n) for n in names] + [Upload(CARD_FILE, folder / CARD_FILE)]
+    card_file = Upload(CARD_FILE, card_json if card_json is not None else folder / CARD_FILE)
+    uploads = [Upload(n, folder / n) for n in names] + [card_file]
     uploads.append(Upload(README_FILE, card.to_readme(repo_id=repo_id).encode()))
     return uploads
 
@@ -381,39 +428,88 @@ def search(
     *,
     registry: str | Path | Registry | None = None,
     limit: int = 50,
+    sort: str | None = None,
+    include_untagged: bool = False,
 ) -> SearchResult:
-    """Vector repos whose id contains ``query``; with ``base``, only those that pass ``rvhub check`` against it
-    (architecture, config and tokenizer fingerprints; the lineage correlation is shown where the card has a
-    sketch). A Hub base is read by its headers and a few byte ranges, never downloaded."""
+    """Vector repos whose id contains ``query``, sorted by ``sort`` (downloads, likes or last_modified, largest
+    or newest first), at most ``limit``.
+
+    With ``base``: only those that pass ``rvhub check`` against it (architecture, config and tokenizer
+    fingerprints; the lineage correlation is shown where the card has a sketch). The registry is asked once
+    (one paged listing) for the vectors tagged with the target's shape hash, ``rvhub-shape-<16 hex>``, and only
+    their cards are read: the requests grow with the matches, not with the registry. ``include_untagged``
+    also reads, card by card, every vector that has no shape tag (pushed before rvhub wrote them), skipping
+    unread those tagged with another shape. A Hub base is read by its headers and a few byte ranges, never
+    downloaded."""
     if limit < 1:
         raise InvalidOptionError("--limit", limit, "must be at least 1")
+    if sort is not None and sort not in SORTS:
+        raise InvalidOptionError("--sort", sort, f"use one of {', '.join(SORTS)}")
     reg = open_registry(registry)
-    found, bad = _listed(reg.list_repos(query, limit), reg.description)
     if base is None:
+        found, bad = _listed(reg.list_vectors(query, [VECTOR_TAG], limit, sort), reg.description)
         return SearchResult(reg.description, query, None, found, bad)
-    from .compat import open_target
+    from ._readme import SHAPE_TAG_PREFIX, shape_tag
+    from .compat import open_target, shape_hash
 
     target = open_target(base)
+    tag = shape_tag(shape_hash(target))
+    found, bad = _listed(reg.list_vectors(query, [VECTOR_TAG, tag], limit, sort), reg.description)
+    untagged_read: int | None = None
+    other_shapes: int | None = None
+    if include_untagged:  # the slow path: one listing of every vector, and the cards of the untagged ones
+        seen = {h.repo_id for h in found}
+        everything, bad_too = _listed(reg.list_vectors(query, [VECTOR_TAG], MAX_LISTED, sort), reg.description)
+        known = {x.repo_id for x in bad}
+        bad += [b for b in bad_too if b.repo_id not in known]
+        untagged_read = other_shapes = 0
+        for hit in everything:
+            tags = hit.listed.tags if hit.listed else None
+            if hit.repo_id in seen:
+                continue
+            if tags is not None and any(t.startswith(SHAPE_TAG_PREFIX) for t in tags):
+                other_shapes += 1  # its own shape tag is not the target's: its card cannot fit
+                continue
+            untagged_read += 1
+            found.append(hit)
     hits: list[SearchHit] = []
     rejected: list[SearchHit] = list(bad)
-    for hit in found:
+    for hit, read in zip(found, _read_cards(reg, found), strict=True):
+        if isinstance(read, str):  # one unreadable repo does not end the search
+            rejected.append(replace(hit, fit=Fit(False, read)))
+            continue
+        card, commit = read
+        fit = fit_to_base(card, target)  # the real check: a listing (or a tag) may lie
+        (hits if fit.fits else rejected).append(replace(hit, commit=commit, card=card, fit=fit))
+    return SearchResult(reg.description, query, base, hits[:limit], rejected, shape_tag=tag,
+                        untagged_read=untagged_read, other_shapes_skipped=other_shapes)
+
+
+def _read_cards(reg: Registry, hits: list[SearchHit]) -> list[tuple[VectorCard, str] | str]:
+    """Each hit's card and the commit it resolved to (or why it cannot be read), :data:`CARD_READERS` at a
+    time: on the Hub a card costs two round trips, and the matches' cards do not depend on each other."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def read(hit: SearchHit) -> tuple[VectorCard, str] | str:
         try:
             card_dir, commit = reg.fetch_card(VectorRef(hit.repo_id, hit.commit))
-            card = VectorCard.read(card_dir)
-        except (VectorFormatError, RegistryError) as e:  # one unreadable repo does not end the search
-            rejected.append(replace(hit, fit=Fit(False, str(e))))
-            continue
-        fit = fit_to_base(card, target)
-        (hits if fit.fits else rejected).append(replace(hit, commit=commit, card=card, fit=fit))
-    return SearchResult(reg.description, query, base, hits, rejected)
+            return VectorCard.read(card_dir), commit
+        except (VectorFormatError, RegistryError) as e:
+            return str(e)
+
+    if len(hits) <= 1:
+        return [read(h) for h in hits]
+    with ThreadPoolExecutor(max_workers=min(CARD_READERS, len(hits)), thread_name_prefix="rvhub-card") as pool:
+        return list(pool.map(read, hits))
 
 
-def _listed(repos: list[tuple[str, str | None]], where: str) -> tuple[list[SearchHit], list[SearchHit]]:
+def _listed(repos: list[Listed], where: str) -> tuple[list[SearchHit], list[SearchHit]]:
     """The registry's list split into usable hits and those whose id or commit is not one (shown escaped):
     one bad entry from a server does not end the search."""
     good: list[SearchHit] = []
     bad: list[SearchHit] = []
-    for repo_id, commit in repos:
+    for entry in repos:
+        repo_id, commit = entry.repo_id, entry.commit
         try:
             check_repo_id(repo_id)
             if commit is not None and not re.fullmatch(r"[0-9a-f]{40}", commit):
@@ -423,7 +519,7 @@ def _listed(repos: list[tuple[str, str | None]], where: str) -> tuple[list[Searc
             bad.append(SearchHit(shown, None, fit=Fit(False, f"{where} listed an invalid {e.option} "
                                                              f"{ascii(e.value)[:80]}; skipped")))
             continue
-        good.append(SearchHit(repo_id, commit))
+        good.append(SearchHit(repo_id, commit, listed=entry))
     return good, bad
 
 

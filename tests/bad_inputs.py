@@ -79,7 +79,7 @@ class BadInputs:
     canary: Path
     missing: Path  # no such folder
     vec_unknown_field: Path  # rvhub.json with a field the schema does not know
-    vec_schema2: Path  # rvhub.json with schema_version 3 (newer than this rvhub reads)
+    vec_schema2: Path  # rvhub.json with schema_version 4 (newer than this rvhub reads)
     vec_truncated: Path  # vector.safetensors cut short
     vec_shard_truncated: Path  # the last shard of a sharded vector cut short
     vec_flipped: Path  # one byte of vector.safetensors flipped: same size, other sha256
@@ -156,7 +156,7 @@ def build_bad_inputs(root: Path, trio: Trio, vector: Path, sharded_vector: Path)
         canary=canary,
         missing=root / "no-such-model",
         vec_unknown_field=_edit_card(vector, root / "vec_unknown_field", surprise_field=1),
-        vec_schema2=_edit_card(vector, root / "vec_schema2", schema_version=3),
+        vec_schema2=_edit_card(vector, root / "vec_schema2", schema_version=4),
         vec_truncated=_damage(vector, root / "vec_truncated", lambda b: b[: len(b) - 100]),
         vec_missing=root / "no-such-vector",
         vec_shard_truncated=vec_shard_truncated,
@@ -238,7 +238,7 @@ CASES = [
     ErrorCase("apply-card-unknown-field", "apply", lambda b: _ap(b, vector=b.vec_unknown_field), VectorFormatError,
               lambda b: ["rvhub.json", "surprise_field"]),
     ErrorCase("apply-card-schema-version", "apply", lambda b: _ap(b, vector=b.vec_schema2), VectorFormatError,
-              lambda b: ["rvhub.json", "schema_version 3"]),
+              lambda b: ["rvhub.json", "schema_version 4"]),
     # the card's sha256 manifest catches damage before any tensor is read
     ErrorCase("apply-truncated-vector", "apply", lambda b: _ap(b, vector=b.vec_truncated), IntegrityError,
               lambda b: [str(b.vec_truncated / "vector.safetensors"), "size"]),

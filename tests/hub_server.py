@@ -28,7 +28,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 import yaml
 from hostile_hub import Hostile
@@ -79,6 +79,8 @@ class Repo:
     branches: dict[str, str] = field(default_factory=dict)  # name -> commit oid
     commits: dict[str, Commit] = field(default_factory=dict)
     created: str = ""
+    downloads: int = 0  # what the model list reports and sorts by (set by tests)
+    likes: int = 0
 
     def resolve(self, rev: str) -> Commit | None:
         oid = self.branches.get(rev, rev)
@@ -128,6 +130,8 @@ class LocalHub:
         self.log: list[tuple[str, str, int]] = []  # (method, path, status) of every request
         self.sent: Counter[str] = Counter()  # body bytes of /resolve/ GETs sent, per file name
         self.received: Counter[str] = Counter()  # body bytes of LFS uploads read, per sha256 oid
+        self.page_size = 1000  # the model list's page, as the Hub's (more: a Link header to the next page)
+        self.cards: dict[str, dict[str, Any] | None] = {}  # commit oid -> its README's YAML, parsed once
         self.lock = threading.RLock()
         self._server: ThreadingHTTPServer | None = None
         self.url = ""
@@ -181,6 +185,7 @@ class LocalHub:
             data = commit.files[path].data
             mid = len(data) // 2
             data[mid : mid + 16] = bytes(b ^ 0xFF for b in data[mid : mid + 16])
+            self.cards.pop(commit.oid, None)
 
     def history(self, repo_id: str, branch: str = "main") -> list[str]:
         with self.lock:
@@ -499,6 +504,11 @@ class _Handler(BaseHTTPRequestHandler):
         return 200
 
     def _card_data(self, commit: Commit) -> dict[str, Any] | None:
+        if commit.oid not in self.hub.cards:  # a commit never changes (tamper forgets it): parse once
+            self.hub.cards[commit.oid] = self._parse_card(commit)
+        return self.hub.cards[commit.oid]
+
+    def _parse_card(self, commit: Commit) -> dict[str, Any] | None:
         readme = commit.files.get("README.md")
         match = re.match(r"^---\n(.*?)\n---", bytes(readme.data).decode(errors="replace"), re.S) if readme else None
         if not match:
@@ -516,7 +526,8 @@ class _Handler(BaseHTTPRequestHandler):
             tags.append(str(card["library_name"]))
         return {
             "_id": repo.id, "id": repo.id, "modelId": repo.id, "author": repo.id.split("/")[0], "sha": commit.oid,
-            "private": repo.private, "gated": False, "disabled": False, "downloads": 0, "likes": 0,
+            "private": repo.private, "gated": False, "disabled": False, "downloads": repo.downloads,
+            "likes": repo.likes,
             "tags": tags, "library_name": card.get("library_name"), "lastModified": commit.date,
             "createdAt": repo.created,
         }
@@ -535,7 +546,12 @@ class _Handler(BaseHTTPRequestHandler):
         want_tags = self.query.get("filter", [])
         search = (self.query.get("search") or [""])[0].lower()
         author = (self.query.get("author") or [None])[0]
-        limit = int((self.query.get("limit") or ["1000"])[0])
+        limit = int((self.query.get("limit") or [str(self.hub.page_size)])[0])
+        sort = (self.query.get("sort") or [None])[0]
+        cursor = int((self.query.get("cursor") or ["0"])[0])
+        keys = {"downloads": "downloads", "likes": "likes", "lastModified": "lastModified", "createdAt": "createdAt"}
+        if sort is not None and sort not in keys:
+            raise HubError(400, f"invalid sort {sort!r}")
         out = []
         for repo_id in sorted(self.hub.repos):
             repo = self.hub.repos[repo_id]
@@ -546,7 +562,14 @@ class _Handler(BaseHTTPRequestHandler):
                 None, info["author"]
             ):
                 out.append(info)
-        self._send_json(200, out[:limit])
+        if sort is not None:  # the Hub sorts descending; equal keys stay in id order
+            out.sort(key=lambda m: m[keys[sort]], reverse=True)
+        page = out[cursor : cursor + min(limit, self.hub.page_size)]
+        headers = {}
+        if cursor + len(page) < len(out):  # the Hub's paging: a Link header to the next page, cursor in the query
+            query = {k: v for k, v in self.query.items() if k != "cursor"} | {"cursor": [str(cursor + len(page))]}
+            headers["Link"] = f'<{self.hub.url}/api/models?{urlencode(query, doseq=True)}>; rel="next"'
+        self._send_json(200, page, headers)
         return 200
 
     def _commits(self, repo_id: str, rev: str) -> int:

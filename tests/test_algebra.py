@@ -81,7 +81,7 @@ def test_weighted_sum_of_sparse_and_dense_vectors_is_the_float32_formula_bit_for
     expected = {k: ((d1[k] * w32[0] + d2[k] * w32[1]) + d3[k] * w32[2]) for k in d1}
     assert_combination(tmp_path / "c", expected)
     card = VectorCard.read(tmp_path / "c")
-    assert card.schema_version == 2 and card.formula == "combination" and card.format == "sparse"
+    assert card.schema_version == 3 and card.formula == "combination" and card.format == "sparse"
     prov = card.provenance
     assert prov is not None and prov.method == "sum" and [i.weight for i in prov.inputs] == w
     assert prov.expression == "1·v1 + 0.5·v2 − 0.3·v3"

@@ -85,18 +85,23 @@ def _report() -> CompressionReport:
 # ---------------------------------------------------------------- README ↔ card
 
 
-def test_extract_writes_card_and_readme_that_agree(vector, no_network):
+def test_extract_writes_card_and_readme_that_agree(vector, trio, no_network):
+    from rvhub.compat import shape_hash
+    from rvhub.sources import open_model
+
     vec = vector("qwen2_plain")
     card = VectorCard.read(vec)
     readme = (vec / "README.md").read_text()
     assert VectorCard.from_readme(readme) == card
     assert card.to_readme() == readme  # rendering is deterministic and offline (no_network)
     meta = _front_matter(readme)
-    # local sources: no Hub base model to name; sparse form: no peft
-    assert meta["tags"] == ["reasoning-vector", "task-vector", "rvhub"]
-    assert "base_model" not in meta and "library_name" not in meta and "model-index" not in meta
+    # local sources: no Hub base model to name; sparse form: no peft; the fit tags of the `from` model
     fp = card.fingerprints
     assert fp is not None and fp.architecture.model_type == "qwen2"
+    assert fp.architecture.shape_hash == shape_hash(open_model(str(trio("qwen2_plain").sft), hash_content=False))
+    assert meta["tags"] == ["reasoning-vector", "task-vector", "rvhub", f"rvhub-shape-{fp.architecture.shape_hash}",
+                            "rvhub-arch-qwen2"]
+    assert "base_model" not in meta and "library_name" not in meta and "model-index" not in meta
     assert [t.name for t in fp.architecture.tensors] == [t.name for t in card.tensors]
     assert fp.config.values["rope.rope_theta"] == 10000.0 and fp.config.values["vocab_size"] == 128
     assert fp.tokenizer is not None and fp.tokenizer.added_tokens == ["<unk>", "<|endoftext|>", "<|sft|>"]
@@ -114,7 +119,8 @@ def test_readme_metadata_and_body(vector, tmp_path, no_network):
     meta = _front_matter(readme)
     assert meta["base_model"] == ["Qwen/Qwen2.5-1.5B-Instruct"] and meta["base_model_relation"] == "adapter"
     assert meta["library_name"] == "peft" and meta["license"] == "apache-2.0"
-    assert meta["tags"] == ["reasoning-vector", "task-vector", "rvhub", "lora"]
+    assert meta["tags"][:4] == ["reasoning-vector", "task-vector", "rvhub", "lora"]
+    assert [t.split("-")[1] for t in meta["tags"][4:]] == ["shape", "arch"]
     results = meta["model-index"][0]["results"]
     assert [(r["dataset"]["type"], r["metrics"][0]["type"], r["metrics"][0]["value"]) for r in results] == [
         ("gsm8k", "exact_match", 0.669), ("bbh", "acc", 0.52)]
@@ -267,8 +273,8 @@ def _edited(vector, tmp_path, edit) -> Path:
     (lambda c: c.update(benchmarks=[{"benchmark": "gsm8k", "metric": "acc", "target": "t",
                                      "scores": {"target": 0.5, "plus": "high"}}]),
      "benchmarks.0.scores.plus", ["benchmarks.0.scores.plus", "number"]),
-    (lambda c: c.update(schema_version=3, rvhub_version="9.0"), "schema_version",
-     ["schema_version 3", "rvhub 9.0", "reads schema versions 1 and 2", "newer rvhub"]),
+    (lambda c: c.update(schema_version=4, rvhub_version="9.0"), "schema_version",
+     ["schema_version 4", "rvhub 9.0", "reads schema versions 1, 2 and 3", "newer rvhub"]),
 ])
 def test_malformed_card_names_the_field(vector, tmp_path, edit, field, says):
     vec = _edited(vector, tmp_path, edit)

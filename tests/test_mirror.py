@@ -14,6 +14,7 @@ from hostile_hub import Hostile
 from typer.testing import CliRunner
 
 from rvhub._local_registry import LocalRegistry
+from rvhub._public import public_card
 from rvhub.card import CARD_FILE, README_FILE, VectorCard
 from rvhub.cli import app
 from rvhub.errors import HostileServerError, IntegrityError, InvalidOptionError, RegistryUnavailableError
@@ -35,10 +36,12 @@ def tree(folder: Path) -> dict[str, bytes]:
 
 
 def same_vector(pulled_path: str, vec: Path) -> None:
+    """The mirrored copy holds the vector's files and the card as push published it (local paths cut)."""
     card = VectorCard.read(vec)
     for e in card.files:
         assert (Path(pulled_path) / e.path).read_bytes() == (vec / e.path).read_bytes()
-    assert (Path(pulled_path) / CARD_FILE).read_bytes() == (vec / CARD_FILE).read_bytes()
+    published, _ = public_card(card)
+    assert (Path(pulled_path) / CARD_FILE).read_bytes() == published.to_json().encode()
 
 
 def test_hub_to_folder_twice(request, hub, hub_env, vector, tmp_path):
@@ -53,7 +56,7 @@ def test_hub_to_folder_twice(request, hub, hub_env, vector, tmp_path):
     assert local.commit_message(repo, first.commit) == "a vector for the air-gapped site"
     same_vector(pull(repo, registry=folder, progress=False).path, vec)
     readme = (folder / repo / "snapshots" / first.commit / README_FILE).read_text()
-    assert readme == VectorCard.read(vec).to_readme(repo_id=repo)
+    assert readme == public_card(VectorCard.read(vec))[0].to_readme(repo_id=repo)
     state = tree(folder)
     hub.sent.clear()
 
@@ -70,7 +73,7 @@ def test_folder_to_hub_twice_keeps_title_and_description(request, hub, hub_env, 
     first = mirror(f"{folder}::{repo}@{pushed.commit}", f"hub::{repo}", progress=False)
     assert first.committed and hub.history(repo)[0] == first.commit and len(hub.history(repo)) == 2
     assert hub.repos[repo].commits[first.commit].message == "v2 of the vector\n\nfrom run 7, α = 1"
-    assert info(repo).card == VectorCard.read(vec)
+    assert info(repo).card == public_card(VectorCard.read(vec))[0]
     same_vector(pull(repo, progress=False).path, vec)
     history = hub.history(repo)
 
