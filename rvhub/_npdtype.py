@@ -63,3 +63,23 @@ def from_work(x: np.ndarray, code: str) -> np.ndarray:
             raise TypeError("float64 -> bf16 would round twice; narrow through float32 explicitly")
         return f32_to_bf16(x)
     return x.astype(RAW_NUMPY[code], copy=False)
+
+
+def narrow(x: np.ndarray, code: str) -> np.ndarray:
+    """Work values → raw values of ``code``, as torch's ``Tensor.to`` rounds them: float64 goes to a 16-bit
+    dtype through float32 (torch converts a double to half or bfloat16 that way)."""
+    if x.dtype == np.float64 and code in ("BF16", "F16"):
+        x = x.astype(np.float32)
+    return from_work(x, code)
+
+
+def convert(raw: np.ndarray, code: str, out_code: str) -> np.ndarray:
+    """Raw values of ``code`` → raw values of ``out_code``, as torch's ``Tensor.to`` converts them."""
+    if code == out_code:
+        return raw
+    if code not in _FLOAT or out_code not in _FLOAT:
+        return raw.astype(RAW_NUMPY[out_code])
+    return narrow(to_work(raw, code), out_code)
+
+
+_FLOAT = ("BF16", "F16", "F32", "F64")
