@@ -28,8 +28,15 @@ def raw_view(buf: bytes | bytearray | memoryview | np.ndarray, code: str) -> np.
 
 def bf16_to_f32(bits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """bf16 bit patterns (uint16) → float32, exactly (a bf16 is the top half of a float32)."""
-    wide = np.left_shift(bits.astype(np.uint32), 16, out=None if out is None else out.view(np.uint32))
+    wide = np.empty(bits.shape, dtype=np.uint32) if out is None else out.view(np.uint32)
+    np.left_shift(bits, 16, out=wide, dtype=np.uint32)  # one pass: widened and shifted in the ufunc loop
     return wide.view(np.float32)
+
+
+def _any_nonfinite_f32(u: np.ndarray) -> bool:
+    """Whether float32 bit patterns ``u`` (uint32) hold an Inf or NaN, in two reductions and no temporary:
+    the positive ones are the largest values read as int32, the negative ones the largest read as uint32."""
+    return bool(u.size) and (int(u.view(np.int32).max()) >= 0x7F800000 or int(u.max()) >= 0xFF800000)
 
 
 def f32_to_bf16(x: np.ndarray) -> np.ndarray:
@@ -41,9 +48,10 @@ def f32_to_bf16(x: np.ndarray) -> np.ndarray:
     bias += u  # wraps only for negative NaN bit patterns, which are overwritten below
     np.right_shift(bias, 16, out=bias)
     out = bias.astype(np.uint16)
-    nan = np.isnan(x)
-    if nan.any():
-        out[nan] = BF16_NAN
+    if _any_nonfinite_f32(u):  # rare: the exact NaN test runs only then
+        nan = np.isnan(x)
+        if nan.any():
+            out[nan] = BF16_NAN
     return out
 
 

@@ -91,9 +91,9 @@ def check_finite_raw(name: str, raw: np.ndarray, code: str, where: str) -> None:
     runs only then (a sum that merely overflows is a false alarm the count clears)."""
     if not raw.size or code not in FLOAT_CODES:
         return
-    if code in ("BF16", "F16"):
+    if code in ("BF16", "F16"):  # Inf/NaN patterns are the largest values read as int16 (positive) or uint16
         exp = 0x7F80 if code == "BF16" else 0x7C00
-        alarm = int(np.bitwise_and(raw.view(np.uint16), exp).max()) == exp
+        alarm = int(raw.view(np.int16).max()) >= exp or int(raw.view(np.uint16).max()) >= 0x8000 | exp
     else:
         alarm = not math.isfinite(float(raw.sum()))
     if alarm:

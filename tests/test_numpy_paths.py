@@ -148,3 +148,22 @@ def test_models_of_two_dtypes_give_the_float32_difference(typed, tmp_path):
     folder = VectorFolder(tmp_path / "v")
     for n in folder.entries:
         assert_bitwise_equal({n: folder.dense(n)}, {n: rl[n].float() - sft[n]}, "fp32 → bf16")
+
+
+@pytest.mark.parametrize("code", ["BF16", "F16"])
+def test_finite_check_of_16_bit_patterns_is_exact(code):
+    """The fast test (two reductions) finds every Inf/NaN pattern, alone among finite values, and none else."""
+    import numpy as np
+
+    from rvhub.errors import NonFiniteError
+    from rvhub.formats import check_finite_raw
+
+    every = np.arange(1 << 16, dtype=np.uint16)
+    exp = 0x7F80 if code == "BF16" else 0x7C00
+    bad = (every & exp) == exp
+    finite = every[~bad]
+    check_finite_raw("w", finite, code, "test")
+    for pattern in every[bad]:
+        with pytest.raises(NonFiniteError) as e:
+            check_finite_raw("w", np.append(finite[::97], pattern), code, "test")
+        assert e.value.count == 1
