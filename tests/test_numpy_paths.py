@@ -57,6 +57,19 @@ def test_extract_and_apply_do_not_import_torch(trio, tmp_path, fmt):
     assert_bitwise_equal(load_tensors(out), expected_apply(target, sft, rl, 0.5), f"{fmt} (CLI)")
 
 
+def test_combine_sum_does_not_import_torch(vector, tmp_path):
+    """combine --method sum computes in numpy: the result decodes to α·(w₁v₁ + w₂v₂) in float32, exactly, and
+    torch stays out."""
+    a, b = vector("qwen2_large"), vector("qwen2_large", "dense")
+    result = _run(tmp_path, "combine", a, b, "--weights", "1,-0.5", "--scale", "1.7", "-o", tmp_path / "c", "--quiet")
+    assert result["heavy"] == [], f"rvhub combine imported {result['heavy']}"
+    va, vb, vc = VectorFolder(a), VectorFolder(b), VectorFolder(tmp_path / "c")
+    for n in vb.entries:
+        want = (va.dense(n) if n in va.entries else torch.zeros(vb.entries[n].shape)) + vb.dense(n) * -0.5
+        got = vc.dense(n) if n in vc.entries else torch.zeros_like(want)
+        assert_bitwise_equal({n: got}, {n: want * 1.7}, "combine sum")
+
+
 @pytest.fixture(scope="module")
 def typed(trio: Callable[[str], Trio], tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str], Trio]:
     """``typed(trio, dtype)``: the trio with every float tensor converted to ``dtype`` (exactly for fp32)."""
