@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 if TYPE_CHECKING:
     import torch
 
@@ -13,23 +15,29 @@ if TYPE_CHECKING:
     from .card import TensorEntry
 
 
-def _values_dtype(source_dtype: str, chunks: list[torch.Tensor]) -> torch.dtype:
-    """The tensor's own dtype, unless so many deltas need a fix-up (index + value, 12 bytes each) that storing
-    every value in the work dtype is smaller."""
-    import torch
+def values_code_for(source: str, work: str, chunks: list[np.ndarray]) -> str:
+    """The tensor's own dtype (a code), unless so many deltas need a fix-up (index + value, 12 bytes each) that
+    storing every value in the work dtype is smaller. ``chunks``: the result's values in the work dtype."""
+    from ._io import ITEMSIZE
+    from ._npdtype import narrow, to_work
 
-    from ._io import ST_TO_TORCH
-
-    src = ST_TO_TORCH[source_dtype]
-    work = chunks[0].dtype if chunks else src
-    if src == work:
-        return src
+    if source == work:
+        return source
     changed = inexact = 0
     for c in chunks:  # zeros are exact in every dtype: no need to pick the nonzero elements out
-        changed += int(torch.count_nonzero(c))
-        inexact += int(torch.count_nonzero(c.to(src).to(work) != c))
-    src_bytes = changed * src.itemsize + inexact * (8 + work.itemsize)
-    return src if src_bytes < changed * work.itemsize else work
+        changed += int(np.count_nonzero(c))
+        with np.errstate(over="ignore"):
+            inexact += int(np.count_nonzero(to_work(narrow(c, source), source).astype(c.dtype) != c))
+    src_bytes = changed * ITEMSIZE[source] + inexact * (8 + ITEMSIZE[work])
+    return source if src_bytes < changed * ITEMSIZE[work] else work
+
+
+def _values_dtype(source_dtype: str, chunks: list[torch.Tensor]) -> torch.dtype:
+    """:func:`values_code_for` of torch chunks, as a torch dtype."""
+    from ._io import ST_TO_TORCH, TORCH_TO_ST
+
+    work = TORCH_TO_ST[chunks[0].dtype] if chunks else source_dtype
+    return ST_TO_TORCH[values_code_for(source_dtype, work, [c.numpy() for c in chunks])]
 
 
 def write_tensor(entry: TensorEntry, chunks: list[torch.Tensor], writer: ShardedWriter) -> TensorEntry | None:

@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import struct
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -147,9 +148,11 @@ class SafetensorsFileWriter:
 
     def write(self, chunk: torch.Tensor | np.ndarray | bytes | memoryview) -> None:
         check_stop()
-        import torch  # loaded already by whoever computes tensors: a dictionary lookup
-
-        data = tensor_bytes(chunk) if isinstance(chunk, torch.Tensor) else memoryview(chunk).cast("B")  # type: ignore[arg-type]
+        torch = sys.modules.get("torch")  # a torch tensor comes only from a caller that imported torch
+        if torch is not None and isinstance(chunk, torch.Tensor):
+            data = tensor_bytes(chunk)
+        else:
+            data = memoryview(chunk).cast("B")  # type: ignore[arg-type]
         if len(data) > self._left:
             raise RuntimeError(f"too many bytes for {self._pending}")
         # the write runs in a background thread (it releases the GIL) while the caller computes the next

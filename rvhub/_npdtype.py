@@ -28,8 +28,15 @@ def raw_view(buf: bytes | bytearray | memoryview | np.ndarray, code: str) -> np.
 
 def bf16_to_f32(bits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """bf16 bit patterns (uint16) → float32, exactly (a bf16 is the top half of a float32)."""
-    wide = np.left_shift(bits.astype(np.uint32), 16, out=None if out is None else out.view(np.uint32))
+    wide = np.empty(bits.shape, dtype=np.uint32) if out is None else out.view(np.uint32)
+    np.left_shift(bits, 16, out=wide, dtype=np.uint32)  # one pass: widened and shifted in the ufunc loop
     return wide.view(np.float32)
+
+
+def _any_nonfinite_f32(u: np.ndarray) -> bool:
+    """Whether float32 bit patterns ``u`` (uint32) hold an Inf or NaN, in two reductions and no temporary:
+    the positive ones are the largest values read as int32, the negative ones the largest read as uint32."""
+    return bool(u.size) and (int(u.view(np.int32).max()) >= 0x7F800000 or int(u.max()) >= 0xFF800000)
 
 
 def f32_to_bf16(x: np.ndarray) -> np.ndarray:
@@ -41,9 +48,10 @@ def f32_to_bf16(x: np.ndarray) -> np.ndarray:
     bias += u  # wraps only for negative NaN bit patterns, which are overwritten below
     np.right_shift(bias, 16, out=bias)
     out = bias.astype(np.uint16)
-    nan = np.isnan(x)
-    if nan.any():
-        out[nan] = BF16_NAN
+    if _any_nonfinite_f32(u):  # rare: the exact NaN test runs only then
+        nan = np.isnan(x)
+        if nan.any():
+            out[nan] = BF16_NAN
     return out
 
 
@@ -63,3 +71,23 @@ def from_work(x: np.ndarray, code: str) -> np.ndarray:
             raise TypeError("float64 -> bf16 would round twice; narrow through float32 explicitly")
         return f32_to_bf16(x)
     return x.astype(RAW_NUMPY[code], copy=False)
+
+
+def narrow(x: np.ndarray, code: str) -> np.ndarray:
+    """Work values → raw values of ``code``, as torch's ``Tensor.to`` rounds them: float64 goes to a 16-bit
+    dtype through float32 (torch converts a double to half or bfloat16 that way)."""
+    if x.dtype == np.float64 and code in ("BF16", "F16"):
+        x = x.astype(np.float32)
+    return from_work(x, code)
+
+
+def convert(raw: np.ndarray, code: str, out_code: str) -> np.ndarray:
+    """Raw values of ``code`` → raw values of ``out_code``, as torch's ``Tensor.to`` converts them."""
+    if code == out_code:
+        return raw
+    if code not in _FLOAT or out_code not in _FLOAT:
+        return raw.astype(RAW_NUMPY[out_code])
+    return narrow(to_work(raw, code), out_code)
+
+
+_FLOAT = ("BF16", "F16", "F32", "F64")

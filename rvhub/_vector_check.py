@@ -12,7 +12,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-import torch
 from safetensors import SafetensorError
 
 from .card import TensorEntry
@@ -83,12 +82,12 @@ def _expect(
         raise VectorStructureError(path, key, f"has shape {list(found)}; expected {list(shape)} ({why})")
 
 
-def check_fix_index(path: str, name: str, index: torch.Tensor, numel: int) -> None:
+def check_fix_index(path: str, name: str, index: np.ndarray, numel: int) -> None:
     """Fix-up indices: strictly increasing (sorted, no duplicates) flat indices inside the tensor."""
-    if not index.numel():
+    if not index.size:
         return
     key = name + "::fix_index"
-    if index.numel() > 1 and not bool((index[1:] > index[:-1]).all()):
+    if index.size > 1 and not bool((index[1:] > index[:-1]).all()):
         raise VectorStructureError(path, key, "is not strictly increasing (unsorted or duplicated indices)")
     lo, hi = int(index[0]), int(index[-1])
     if lo < 0 or hi >= numel:
@@ -96,18 +95,18 @@ def check_fix_index(path: str, name: str, index: torch.Tensor, numel: int) -> No
                                    f"{numel} elements")
 
 
-def check_fix_on_changed(path: str, name: str, index: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+def check_fix_on_changed(path: str, name: str, index: np.ndarray, pos: np.ndarray) -> np.ndarray:
     """The slots of fix-up positions ``pos`` among the changed positions ``index`` of a block; each must be one."""
-    slot = torch.searchsorted(index, pos)
-    ok = slot < index.numel()
-    if not bool(ok.all()) or not torch.equal(index[slot], pos):
+    slot = np.searchsorted(index, pos)
+    ok = slot < index.size
+    if not bool(ok.all()) or not np.array_equal(index[slot], pos):
         raise VectorStructureError(path, name + "::fix_index", "names an element the mask marks as unchanged")
     return slot
 
 
-def check_fix_on_mask(path: str, name: str, bits: np.ndarray, pos: torch.Tensor) -> None:
+def check_fix_on_mask(path: str, name: str, bits: np.ndarray, pos: np.ndarray) -> None:
     """Each fix-up position of a block must be an element its mask bits mark as changed."""
-    if not bool(bits[pos.numpy()].all()):
+    if not bool(bits[pos].all()):
         raise VectorStructureError(path, name + "::fix_index", "names an element the mask marks as unchanged")
 
 

@@ -23,6 +23,7 @@ gives its α; tensors no pattern matches get the plain ``--scale``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -305,6 +306,7 @@ def combine(
 ) -> CombineResult:
     """Combine vectors (folders or registry repo ids) into the sparse vector folder ``out``; see the module
     docstring for each method's exact definition. α (``scale``, ``scale_patterns``) multiplies the result."""
+    from ._combine_sum import sum_tensor
     from ._io import atomic_dir, check_output, parse_size
     from ._progress import progress_bar, tensor_done
     from .card import CombineInput, Provenance, ScalePatternEntry, VectorCard, file_entry
@@ -327,14 +329,18 @@ def combine(
                 for n in names}
     scales: dict[str, float] = {}
     entries: list[TensorEntry] = []
-    with atomic_dir(out, overwrite) as tmp, _one_torch_thread():
+    # sum computes in numpy (without torch); ties and dare in torch, one thread
+    with atomic_dir(out, overwrite) as tmp, contextlib.nullcontext() if method == "sum" else _one_torch_thread():
         writer = open_writer(tmp, {n: tuple(_entry(inputs, n).shape) for n in names}, shard_bytes)
         with writer, progress_bar(sum(in_bytes.values()), f"combine {method}", progress, len(names)) as bar:
             for name in names:
                 alpha = patterns.scale_for(name)
                 scales[name] = alpha
-                chunks = _combine_tensor(name, inputs, w, method, density, seed, alpha)
-                entry = write_tensor(_entry(inputs, name), chunks, writer)
+                if method == "sum":
+                    entry = sum_tensor(name, [i.folder for i in inputs], w, alpha, writer)
+                else:
+                    chunks = _combine_tensor(name, inputs, w, method, density, seed, alpha)
+                    entry = write_tensor(_entry(inputs, name), chunks, writer)
                 if entry is not None:
                     entries.append(entry)
                 tensor_done(bar, in_bytes[name])
@@ -426,7 +432,8 @@ def _combine_tensor(
     name: str, inputs: list[_Input], w: list[float], method: str, density: float | None, seed: int | None,
     alpha: float,
 ) -> list[torch.Tensor]:
-    """The result for tensor ``name``, flat, in the row blocks of :func:`rvhub.sources.row_blocks`."""
+    """The result of ties or dare for tensor ``name``, flat, in the row blocks of
+    :func:`rvhub.sources.row_blocks` (sum: :func:`rvhub._combine_sum.sum_tensor`)."""
     import torch
 
     from .sources import CHUNK_ELEMS, row_blocks
@@ -438,35 +445,14 @@ def _combine_tensor(
     row_elems = _numel(shape[1:])
     blocks = row_blocks(shape, CHUNK_ELEMS) if shape else [(0, 1)]
     sizes = [(b - a) * row_elems for a, b in blocks] if shape else [1]
-    if method == "sum":
-        acc = [torch.zeros(n, dtype=work) for n in sizes]
-        first = True
-        for inp, wi in zip(inputs, w, strict=True):
-            if name not in inp.folder.entries:
-                continue  # listed unchanged there: a zero term
-            rows = shape[0] if shape else 1
-            for a_blk, d in zip(acc, inp.folder.delta_chunks(name, rows, CHUNK_ELEMS, 1.0, work), strict=True):
-                if first:  # 0 + v is v: decode straight into the accumulator, then weight it
-                    d.add_to(a_blk)
-                    if wi != 1.0:
-                        a_blk.mul_(_scalar(wi, work))
-                    continue
-                v = torch.zeros_like(a_blk)
-                d.add_to(v)
-                if wi != 1.0:
-                    v.mul_(_scalar(wi, work))
-                a_blk += v
-            first = False
-        result = acc
-    else:
-        full = [
-            inp.folder.dense(name, work).reshape(-1) if name in inp.folder.entries else
-            torch.zeros(_numel(shape), dtype=work)
-            for inp in inputs
-        ]
-        assert density is not None
-        out = _dare(full, w, density, seed or 0, name) if method == "dare" else _ties(full, w, density)
-        result = list(torch.split(out, sizes))
+    full = [
+        inp.folder.dense(name, work).reshape(-1) if name in inp.folder.entries else
+        torch.zeros(_numel(shape), dtype=work)
+        for inp in inputs
+    ]
+    assert density is not None
+    out = _dare(full, w, density, seed or 0, name) if method == "dare" else _ties(full, w, density)
+    result = list(torch.split(out, sizes))
     if alpha != 1.0:
         a_t = _scalar(alpha, work)
         result = [r * a_t for r in result]

@@ -9,12 +9,11 @@ import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 
 from ._io import (
-    ST_TO_TORCH,
     ShardedWriter,
     TensorSpec,
     atomic_dir,
@@ -24,6 +23,7 @@ from ._io import (
     parse_size,
     write_text,
 )
+from ._npdtype import convert, narrow
 from ._progress import progress_bar, tensor_done
 from ._untrusted import decoding, read_json
 from .algebra import ScalePatterns
@@ -35,8 +35,19 @@ from .errors import (
     TiedEmbeddingError,
     VocabMismatchError,
 )
-from .formats import AdapterFolder, VectorFolder, check_finite, open_vector, work_dtype
+from .formats import (
+    AdapterFolder,
+    VectorFolder,
+    check_finite,
+    check_finite_raw,
+    open_vector,
+    work_code,
+    work_dtype,
+)
 from .sources import CHUNK_ELEMS, ModelSource, open_model
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +81,8 @@ class _Job:
 
 def resolve_device(device: str) -> torch.device:
     """``cpu`` or ``cuda[:N]``; a clear error when CUDA is asked for but absent."""
+    import torch
+
     if device == "cpu":
         return torch.device("cpu")
     if device.startswith("cuda"):
@@ -155,7 +168,8 @@ def apply(
     patterns = ScalePatterns.of(scale_patterns, scale)
     out_code = dtype_code(dtype) if dtype else None
     shard_bytes = parse_size(max_shard_size)
-    dev = resolve_device(device)
+    # the CPU path computes in numpy and never imports torch; a GPU one adds in torch on the device
+    dev = None if device == "cpu" else resolve_device(device)
     check_output(out, overwrite, [vector, *([Path(base)] if Path(base).exists() else [])])
     vec = open_vector(vector)
     tgt = open_model(base, hash_content=False)
@@ -175,7 +189,10 @@ def apply(
             progress_bar(total, f"apply α={scale:g}", progress, len(jobs)) as bar,
         ):
             for job in jobs:
-                _apply_tensor(job, vec, tgt, writer, patterns.scale_for(job.name), dev, chunk_elems)
+                if dev is None:
+                    _apply_tensor_np(job, vec, tgt, writer, patterns.scale_for(job.name), chunk_elems)
+                else:
+                    _apply_tensor(job, vec, tgt, writer, patterns.scale_for(job.name), dev, chunk_elems)
                 tensor_done(bar, tgt.tensors[job.name].nbytes)
             names = writer.close()
         _copy_side_files(tgt, tmp, out_code)
@@ -183,7 +200,7 @@ def apply(
     return ApplyResult(
         out=str(out),
         scale=scale,
-        device=str(dev),
+        device="cpu" if dev is None else str(dev),
         tensors_changed=sum(1 for j in jobs if j.source),
         tensors_copied=sum(1 for j in jobs if not j.source),
         output_bytes=output_bytes,
@@ -193,10 +210,47 @@ def apply(
     )
 
 
+def _apply_tensor_np(
+    job: _Job, vec: VectorFolder | AdapterFolder, tgt: ModelSource, writer: ShardedWriter, scale: float,
+    chunk_elems: int,
+) -> None:
+    """One tensor on the CPU, in numpy: float32 (float64 for F64) arithmetic rounded once, as :func:`_apply_tensor`
+    computes it in torch, bit for bit."""
+    w = writer.begin(job.spec)
+    info = tgt.tensors[job.name]
+    out_code = job.spec.dtype
+    chunks = tgt.iter_chunks_np(job.name, chunk_elems)
+    if job.source is None:
+        for c in chunks:
+            with np.errstate(over="ignore"):  # an overflow to ±inf is reported just below
+                c = convert(c, info.dtype, out_code)
+            if info.is_float:  # a model with NaN/Inf is broken whether or not the vector touched the tensor
+                check_finite_raw(job.name, c, out_code, "target")
+            w.write(c)
+        return
+    work = work_code(info.dtype, vec.entries[job.source].source_dtype, out_code)
+    rows = info.shape[0] if info.shape else 1
+    deltas = vec.delta_chunks_np(job.source, rows, chunk_elems, scale, work)
+    with decoding(str(vec.folder), job.source):
+        for c, d in zip(chunks, deltas, strict=True):
+            # c is a fresh array (read, never mapped): widening may return it, and adding in place is safe
+            if d.index is not None and out_code == info.dtype:  # sparse: only the changed elements are computed
+                res = d.apply_raw(c, info.dtype, work)
+            else:
+                acc = convert(c, info.dtype, work)
+                d.add_to(acc)
+                with np.errstate(over="ignore"):  # an overflow to ±inf is reported just below
+                    res = narrow(acc, out_code)
+            check_finite_raw(job.name, res, out_code, "target or vector, after applying")
+            w.write(res)
+
+
 def _apply_tensor(
     job: _Job, vec: VectorFolder | AdapterFolder, tgt: ModelSource, writer: ShardedWriter, scale: float,
     dev: torch.device, chunk_elems: int,
 ) -> None:
+    from ._io import ST_TO_TORCH
+
     w = writer.begin(job.spec)
     info = tgt.tensors[job.name]
     out_dtype = ST_TO_TORCH[job.spec.dtype]

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
 
+from ._npdtype import narrow, to_work
 from .card import (
     ArchitectureFingerprint,
     ConfigFingerprint,
@@ -238,10 +238,10 @@ def lineage_sketch(src: ModelSource, seed: int = SKETCH_SEED) -> LineageSketch:
                 spans[-1] = (a, s + length - a)
             else:
                 spans.append((s, length))
-        values = torch.cat([src.read_span(name, a, n).reshape(-1).to(torch.float32) for a, n in spans])
+        values = np.concatenate([narrow(to_work(src.read_span_np(name, a, n), info.dtype), "F32") for a, n in spans])
         tensors.append(SketchTensor(
             name=name, shape=info.shape, spans=spans,
-            values=base64.b64encode(values.numpy().astype("<f4").tobytes()).decode(),
+            values=base64.b64encode(values.astype("<f4").tobytes()).decode(),
         ))
     return LineageSketch(seed=seed, tensors=tensors)
 
@@ -433,7 +433,8 @@ def _check_lineage(sketch: LineageSketch, target: ModelSource) -> Check:
             skipped[t.name] = "missing in the target" if info is None else f"shape {list(info.shape)}"
             continue
         x = sketch_values(t)
-        y = torch.cat([target.read_span(t.name, a, n).reshape(-1).to(torch.float64) for a, n in t.spans]).numpy()
+        y = np.concatenate([to_work(target.read_span_np(t.name, a, n), info.dtype).astype(np.float64)
+                            for a, n in t.spans])
         identical = identical and bool(np.array_equal(x.astype(np.float32), y.astype(np.float32)))
         per_tensor[t.name] = _pearson(x, y)
     rs = [r for r in per_tensor.values() if r is not None]

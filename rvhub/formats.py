@@ -27,12 +27,13 @@ import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from ._io import TORCH_TO_ST, ShardedWriter, TensorSpec
+from ._io import FLOAT_CODES, ShardedWriter, TensorSpec
+from ._npbridge import from_torch, to_torch
+from ._npdtype import narrow, to_work
 from ._untrusted import read_json
 from ._vector_check import (
     check_fix_index,
@@ -48,23 +49,84 @@ from .errors import CorruptFileError, NonFiniteError, VectorFormatError, VectorS
 from .sources import CHUNK_ELEMS, Reader, row_blocks
 from .sources import open_safetensors as _open
 
+if TYPE_CHECKING:
+    import torch
+
 MASK, VALUES, FIX_INDEX, FIX_HI, FIX_LO = "::mask", "::values", "::fix_index", "::fix_hi", "::fix_lo"
 VECTOR_STEM = "vector"
 RESIDUAL_STEM = "residual"  # an adapter folder's exact part, in its source vector's encoding
 ADAPTER_CONFIG = "adapter_config.json"
 
 
+def work_code(*codes: str) -> str:
+    """float32 arithmetic, unless a float64 tensor is involved (as a dtype code)."""
+    return "F64" if "F64" in codes else "F32"
+
+
 def work_dtype(*codes: str) -> torch.dtype:
-    """float32 arithmetic, unless a float64 tensor is involved."""
+    """:func:`work_code` as a torch dtype."""
+    import torch
+
     return torch.float64 if "F64" in codes else torch.float32
 
 
-_INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+def _code(dtype: str | torch.dtype) -> str:
+    if isinstance(dtype, str):
+        return dtype
+    from ._io import TORCH_TO_ST
+
+    return TORCH_TO_ST[dtype]
+
+
+def _nonfinite(raw: np.ndarray, code: str) -> int:
+    if code in ("BF16", "F16"):
+        exp = 0x7F80 if code == "BF16" else 0x7C00
+        return int(np.count_nonzero((raw.view(np.uint16) & exp) == exp))
+    return int(np.count_nonzero(~np.isfinite(raw)))
+
+
+def check_finite_raw(name: str, raw: np.ndarray, code: str, where: str) -> None:
+    """Raise NonFiniteError if raw values of dtype ``code`` hold NaN/Inf. For 16-bit dtypes the largest
+    exponent field tells; for wider ones a sum is NaN/Inf whenever an element is, and the exact (slower) count
+    runs only then (a sum that merely overflows is a false alarm the count clears)."""
+    if not raw.size or code not in FLOAT_CODES:
+        return
+    if code in ("BF16", "F16"):  # Inf/NaN patterns are the largest values read as int16 (positive) or uint16
+        exp = 0x7F80 if code == "BF16" else 0x7C00
+        alarm = int(raw.view(np.int16).max()) >= exp or int(raw.view(np.uint16).max()) >= 0x8000 | exp
+    else:
+        alarm = not math.isfinite(float(raw.sum()))
+    if alarm:
+        bad = _nonfinite(raw, code)
+        if bad:
+            raise NonFiniteError(name, where, bad)
+
+
+def check_finite(name: str, t: torch.Tensor, where: str) -> None:
+    """Raise NonFiniteError if ``t`` holds NaN/Inf. A sum is NaN/Inf whenever an element is, so the exact
+    (slower) count runs only then; a sum that merely overflows is a false alarm that the count clears."""
+    import torch
+
+    if t.numel() and not math.isfinite(float(t.sum())):
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise NonFiniteError(name, where, bad)
+
+
+@dataclass
+class RawChunk:
+    """One chunk's share of a tensor's encoding, as raw numpy arrays. ``fix_pos`` is relative to the chunk."""
+
+    changed: np.ndarray  # bool, chunk length
+    n_changed: int
+    values: np.ndarray  # raw values of the stored dtype: changed elements (sparse) or every element (dense)
+    fix_pos: np.ndarray  # int64, sorted
+    fix_hi: np.ndarray  # float32/64: the exact difference of those elements
 
 
 @dataclass
 class EncodedChunk:
-    """One chunk's share of a tensor's encoding. ``fix_pos`` is relative to the chunk start."""
+    """:class:`RawChunk` as torch tensors (what :func:`encode_delta` gives)."""
 
     changed: np.ndarray  # bool, chunk length
     n_changed: int
@@ -72,35 +134,35 @@ class EncodedChunk:
     fix_pos: torch.Tensor  # int64, sorted
     fix_hi: torch.Tensor  # float32/64: the exact difference of those elements
 
+    def raw(self) -> RawChunk:
+        return RawChunk(self.changed, self.n_changed, from_torch(self.values)[0], self.fix_pos.numpy(),
+                        self.fix_hi.numpy())
 
-def check_finite(name: str, t: torch.Tensor, where: str) -> None:
-    """Raise NonFiniteError if ``t`` holds NaN/Inf. A sum is NaN/Inf whenever an element is, so the exact
-    (slower) count runs only then; a sum that merely overflows is a false alarm that the count clears."""
-    if t.numel() and not math.isfinite(float(t.sum())):
-        bad = int((~torch.isfinite(t)).sum())
-        if bad:
-            raise NonFiniteError(name, where, bad)
+
+_WORK_NP = {"F32": np.float32, "F64": np.float64}
 
 
 def encode_chunk(
-    name: str, f_raw: torch.Tensor, t_raw: torch.Tensor, values_dtype: torch.dtype, sparse: bool, exact: bool
-) -> EncodedChunk:
-    """Encode ``t_raw − f_raw`` (flat chunks), the difference computed in float32 (float64 for F64).
+    name: str, f_raw: np.ndarray, f_code: str, t_raw: np.ndarray, t_code: str, values_code: str, sparse: bool,
+    exact: bool,
+) -> RawChunk:
+    """Encode ``t − f`` (flat chunks of raw values), the difference computed in float32 (float64 for F64).
 
     Only changed elements are converted and subtracted: RL leaves most of them bit-identical.
     """
-    work = work_dtype(TORCH_TO_ST[f_raw.dtype], TORCH_TO_ST[t_raw.dtype])
-    check_finite(name, f_raw, "from model")
-    check_finite(name, t_raw, "to model")
-    if f_raw.dtype == t_raw.dtype:  # bit patterns differ exactly where values do (but for ±0, harmless)
-        iv = _INT_VIEW[f_raw.element_size()]
-        changed = f_raw.view(iv).numpy() != t_raw.view(iv).numpy()
+    work = _WORK_NP[work_code(f_code, t_code)]
+    check_finite_raw(name, f_raw, f_code, "from model")
+    check_finite_raw(name, t_raw, t_code, "to model")
+    if f_code == t_code:  # bit patterns differ exactly where values do (but for ±0, harmless)
+        iv = np.dtype(f"<i{f_raw.dtype.itemsize}")
+        changed = f_raw.view(iv) != t_raw.view(iv)
     else:
-        changed = (f_raw.to(work) != t_raw.to(work)).numpy()
-    idx = torch.from_numpy(np.flatnonzero(changed))
-    d = t_raw.index_select(0, idx).to(work) - f_raw.index_select(0, idx).to(work)
-    check_finite(name, d, "the difference overflows")
-    return _encode_selected(changed, idx, d, values_dtype, sparse, exact)
+        changed = to_work(f_raw, f_code).astype(work, copy=False) != to_work(t_raw, t_code).astype(work, copy=False)
+    idx = np.flatnonzero(changed)  # take() by index is many times faster than boolean indexing
+    with np.errstate(over="ignore"):  # an overflow is reported just below, by name
+        d = to_work(t_raw.take(idx), t_code).astype(work, copy=False) - to_work(f_raw.take(idx), f_code).astype(work)
+    check_finite_raw(name, d, work_code(f_code, t_code), "the difference overflows")
+    return _encode_selected(changed, idx, d, values_code, sparse, exact)
 
 
 def encode_delta(
@@ -114,68 +176,77 @@ def encode_delta(
     (up to the sign of zero); without, ``d`` is rounded to ``values_dtype``. Write the chunks of one tensor
     with :class:`TensorEncoder`.
     """
+    import torch
+
     if d.dtype not in (torch.float32, torch.float64) or d.dim() != 1:
         raise ValueError(f"encode_delta takes a flat float32/float64 tensor, not {d.dtype} {tuple(d.shape)}")
+    dn = d.detach().cpu().numpy()
     if changed is None:
-        changed = (d != 0).numpy()
-    idx = torch.from_numpy(np.flatnonzero(changed))
-    return _encode_selected(changed, idx, d.index_select(0, idx), values_dtype, sparse, exact)
+        changed = dn != 0
+    code = _code(values_dtype)
+    idx = np.flatnonzero(changed)
+    raw = _encode_selected(changed, idx, dn.take(idx), code, sparse, exact)
+    return EncodedChunk(raw.changed, raw.n_changed, to_torch(raw.values, code), torch.from_numpy(raw.fix_pos),
+                        torch.from_numpy(raw.fix_hi))
 
 
 def _encode_selected(
-    changed: np.ndarray, idx: torch.Tensor, d: torch.Tensor, values_dtype: torch.dtype, sparse: bool, exact: bool
-) -> EncodedChunk:
+    changed: np.ndarray, idx: np.ndarray, d: np.ndarray, values_code: str, sparse: bool, exact: bool
+) -> RawChunk:
     """The encoding of a chunk whose elements ``idx`` (flagged in ``changed``) have exact deltas ``d``."""
-    stored = d.to(values_dtype)
-    fix_pos = torch.empty(0, dtype=torch.int64)
-    fix_hi = torch.empty(0, dtype=d.dtype)
-    if exact and values_dtype != d.dtype:
-        # ``==`` is bitwise for finite values but for ±0, whose sign a difference cannot carry anyway
-        bad = (stored.to(d.dtype) != d).nonzero().reshape(-1)
-        if bad.numel():
+    with np.errstate(over="ignore"):  # a value the dtype cannot hold becomes a fix-up
+        stored = narrow(d, values_code)  # d itself when the codes agree: then nothing below changes it
+    fix_pos = np.empty(0, dtype=np.int64)
+    fix_hi = np.empty(0, dtype=d.dtype)
+    if exact and values_code != ("F64" if d.dtype == np.float64 else "F32"):
+        # ``!=`` is bitwise for finite values but for ±0, whose sign a difference cannot carry anyway
+        bad = np.flatnonzero(to_work(stored, values_code) != d)
+        if bad.size:
             fix_pos = idx[bad]
             fix_hi = d[bad]
             stored[bad] = 0  # never read (the fix-up replaces it); keeps an overflowed ±inf out of the file
     if sparse:
         values = stored
     else:
-        values = torch.zeros(changed.size, dtype=values_dtype)
-        values.index_put_((idx,), stored)
-    return EncodedChunk(changed, int(idx.numel()), values, fix_pos, fix_hi)
+        values = np.zeros(changed.size, dtype=stored.dtype)
+        np.put(values, idx, stored, mode="clip")  # idx lies inside: "clip" only skips the bounds checks
+    return RawChunk(changed, int(d.size), values, fix_pos, fix_hi)
 
 
 class TensorEncoder:
     """Writes one tensor's encoded chunks (in order) into a vector's :class:`ShardedWriter`.
 
-    ``source_dtype`` is the tensor's dtype in the models (the card's); ``values_dtype`` the stored one.
+    ``source_dtype`` is the tensor's dtype in the models (the card's); ``values_dtype`` the stored one (a
+    dtype code, or a torch dtype).
     """
 
     def __init__(
         self, writer: ShardedWriter, name: str, shape: tuple[int, ...], source_dtype: str,
-        values_dtype: torch.dtype, sparse: bool,
+        values_dtype: str | torch.dtype, sparse: bool,
     ) -> None:
         self.writer, self.name, self.shape, self.source_dtype = writer, name, shape, source_dtype
-        self.values_dtype, self.sparse = values_dtype, sparse
+        self.values_code, self.sparse = _code(values_dtype), sparse
         self._masks: list[np.ndarray] = []
-        self._values: list[torch.Tensor] = []
-        self._fix_pos: list[torch.Tensor] = []
-        self._fix_hi: list[torch.Tensor] = []
+        self._values: list[np.ndarray] = []
+        self._fix_pos: list[np.ndarray] = []
+        self._fix_hi: list[np.ndarray] = []
         self._changed = 0
         self._start = 0
         self._dense: Any = None
 
-    def add(self, enc: EncodedChunk) -> None:
+    def add(self, enc: RawChunk | EncodedChunk) -> None:
         """The next chunk of the tensor (flat, in order)."""
+        if isinstance(enc, EncodedChunk):
+            enc = enc.raw()
         self._changed += enc.n_changed
         if self.sparse:
             self._masks.append(pack_bits(enc.changed))
             self._values.append(enc.values)
         else:
             if self._dense is None:
-                code = TORCH_TO_ST[self.values_dtype]
-                self._dense = self.writer.begin(TensorSpec(self.name, code, self.shape))
+                self._dense = self.writer.begin(TensorSpec(self.name, self.values_code, self.shape))
             self._dense.write(enc.values)
-        if enc.fix_pos.numel():
+        if enc.fix_pos.size:
             self._fix_pos.append(enc.fix_pos + self._start)
             self._fix_hi.append(enc.fix_hi)
         self._start += enc.changed.size
@@ -188,13 +259,13 @@ class TensorEncoder:
         if self.sparse:
             mask = np.concatenate(self._masks)
             w.add(TensorSpec(self.name + MASK, "U8", (mask.size,)), [mask])
-            vals = torch.cat(self._values).to(self.values_dtype)
-            w.add(TensorSpec(self.name + VALUES, TORCH_TO_ST[vals.dtype], (vals.numel(),)), [vals])
-        n_fix = sum(t.numel() for t in self._fix_pos)
+            n = sum(v.size for v in self._values)
+            w.add(TensorSpec(self.name + VALUES, self.values_code, (n,)), self._values)
+        n_fix = sum(t.size for t in self._fix_pos)
         if n_fix:
-            pos, hi = torch.cat(self._fix_pos), torch.cat(self._fix_hi)
-            w.add(TensorSpec(self.name + FIX_INDEX, "I64", (n_fix,)), [pos])
-            w.add(TensorSpec(self.name + FIX_HI, TORCH_TO_ST[hi.dtype], (n_fix,)), [hi])
+            hi_code = "F64" if self._fix_hi[0].dtype == np.float64 else "F32"
+            w.add(TensorSpec(self.name + FIX_INDEX, "I64", (n_fix,)), self._fix_pos)
+            w.add(TensorSpec(self.name + FIX_HI, hi_code, (n_fix,)), self._fix_hi)
         return TensorEntry(
             name=self.name, shape=self.shape, source_dtype=self.source_dtype,  # type: ignore[arg-type]
             changed=self._changed, fixups=n_fix,
@@ -226,6 +297,61 @@ def pack_bits(mask: np.ndarray) -> np.ndarray:
 
 def unpack_bits(packed: np.ndarray, count: int) -> np.ndarray:
     return np.unpackbits(packed, count=count, bitorder="little").view(np.bool_)
+
+
+@dataclass
+class RawDelta:
+    """A chunk of α·v in the work dtype, as numpy arrays, ready to add: ``out[index] += values`` (or
+    ``out[:values.size] += values`` when ``index`` is None, dense), then ``out[fix_pos] += fix_lo``: a sparse
+    vector's fix-ups (α·d, whose stored value is 0), or an old vector's α·lo parts. Positions are relative to
+    the chunk start, sorted and unique; a sparse chunk's fix-up positions are among its ``index``."""
+
+    index: np.ndarray | None
+    values: np.ndarray
+    fix_pos: np.ndarray
+    fix_lo: np.ndarray
+
+    def add_to(self, acc: np.ndarray) -> None:
+        """acc += this chunk, one rounding (in acc's dtype) per term. An overflow is the caller's to report
+        (it checks the result), so numpy's warning is silenced."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            if self.index is None:
+                acc[: self.values.size] += self.values
+            elif self.values.size:
+                _add_at(acc, self.index, self.values)
+            if self.fix_lo.size:
+                _add_at(acc, self.fix_pos, self.fix_lo)
+
+    def apply_raw(self, raw: np.ndarray, code: str, work: str) -> np.ndarray:
+        """A sparse chunk added to raw values of dtype ``code`` in the work dtype, rounded back to ``code``,
+        in place; the same bits as widening the whole chunk, :meth:`add_to` and rounding it (an element no
+        delta touches goes back to itself), at a cost in the changed elements only."""
+        assert self.index is not None
+        if not self.values.size:
+            return raw
+        sub = to_work(raw.take(self.index), code).astype(_WORK_NP[work], copy=False)
+        with np.errstate(over="ignore", invalid="ignore"):
+            sub += self.values
+            if self.fix_lo.size:
+                _add_at(sub, np.searchsorted(self.index, self.fix_pos), self.fix_lo)
+            np.put(raw, self.index, narrow(sub, code), mode="clip")
+        return raw
+
+    def torch(self) -> DeltaChunk:
+        """This chunk as torch tensors (sharing memory)."""
+        import torch
+
+        index = None if self.index is None else torch.from_numpy(self.index)
+        return DeltaChunk(index, torch.from_numpy(self.values), torch.from_numpy(self.fix_pos),
+                          torch.from_numpy(self.fix_lo))
+
+
+def _add_at(acc: np.ndarray, index: np.ndarray, values: np.ndarray) -> None:
+    """acc[index] += values for unique, in-range indices (take/put: several times faster than ``+=`` on a
+    fancy index, and far faster than boolean indexing)."""
+    s = acc.take(index)
+    s += values
+    np.put(acc, index, s, mode="clip")
 
 
 @dataclass
@@ -313,54 +439,78 @@ class VectorFolder:
 
     def raw(self, key: str) -> torch.Tensor:
         """A stored tensor as it is in the file."""
-        return self._get(key)
+        return self._reader.read(self._where[key], key)
 
-    def _decoded(self, name: str, work: torch.dtype) -> Iterator[tuple[int, int, DeltaChunk]]:
+    def _decoded(self, name: str, work: str) -> Iterator[tuple[int, int, RawDelta]]:
         """``(flat offset, elements, chunk)`` of ``name``'s delta, one row block at a time."""
         entry = self.entries[name]
         rows = entry.shape[0] if entry.shape else 1
         row_elems = math.prod(entry.shape[1:])
         blocks = row_blocks(entry.shape, CHUNK_ELEMS) if entry.shape else [(0, 1)]
-        for (a, b), chunk in zip(blocks, self.delta_chunks(name, rows, CHUNK_ELEMS, 1.0, work), strict=True):
+        for (a, b), chunk in zip(blocks, self.delta_chunks_np(name, rows, CHUNK_ELEMS, 1.0, work), strict=True):
             yield a * row_elems, (b - a) * row_elems, chunk
 
-    def dense(self, name: str, work: torch.dtype = torch.float32) -> torch.Tensor:
-        """The whole delta of ``name``, decoded, in its shape."""
+    def dense_np(self, name: str, work: str = "F32") -> np.ndarray:
+        """The whole delta of ``name``, decoded, in its shape, in the work dtype ``work`` (F32 or F64)."""
         entry = self.entries[name]
-        out = torch.zeros(math.prod(entry.shape), dtype=work)
+        out = np.zeros(math.prod(entry.shape), dtype=_WORK_NP[work])
         for start, _, chunk in self._decoded(name, work):
             chunk.add_to(out[start:])
         return out.reshape(entry.shape)
 
+    def dense(self, name: str, work: torch.dtype | None = None) -> torch.Tensor:
+        """The whole delta of ``name``, decoded, in its shape (float32 unless ``work`` says float64)."""
+        import torch
+
+        return torch.from_numpy(self.dense_np(name, "F32" if work is None else _code(work)))
+
     def sq_norm(self, name: str) -> float:
         """‖v‖² of tensor ``name``, decoded one row block at a time (an embedding delta can be large)."""
+        import torch
+
         total = 0.0
-        for _, n, chunk in self._decoded(name, torch.float32):
-            block = torch.zeros(n)
+        for _, n, chunk in self._decoded(name, "F32"):
+            block = np.zeros(n, dtype=np.float32)
             chunk.add_to(block)
-            total += float(block.square().sum())
+            total += float(torch.from_numpy(block).square().sum())
         return total
 
-    def _get(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        return self._reader.read(self._where[key], key, rows)
+    def _get(self, key: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """Raw values of a stored tensor (or rows of it), in a fresh array of the caller's."""
+        return self._reader.read_np(self._where[key], key, rows)
 
-    def _fixups(self, name: str, work: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _work(self, key: str, rows: tuple[int, int] | None, work: str) -> np.ndarray:
+        """A stored tensor's values (or rows of them) in the work dtype, in a fresh array of the caller's."""
+        x = to_work(self._get(key, rows), self._reader.file(self._where[key]).tensors[key][0])
+        return x.astype(_WORK_NP[work], copy=False)
+
+    def _fixups(self, name: str, work: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if name + FIX_INDEX not in self._where:
-            none = torch.empty(0, dtype=work)
-            return torch.empty(0, dtype=torch.int64), none, none
-        lo = self._get(name + FIX_LO).to(work) if name + FIX_LO in self._where else torch.empty(0, dtype=work)
+            none = np.empty(0, dtype=_WORK_NP[work])
+            return np.empty(0, dtype=np.int64), none, none
+        lo = self._work(name + FIX_LO, None, work) if name + FIX_LO in self._where else np.empty(0, _WORK_NP[work])
         index = self._get(name + FIX_INDEX)
         check_fix_index(str(self.folder), name, index, math.prod(self.entries[name].shape))
-        return index, self._get(name + FIX_HI).to(work), lo
+        return index, self._work(name + FIX_HI, None, work), lo
 
     def delta_chunks(
         self, name: str, rows: int, chunk_elems: int, scale: float, work: torch.dtype
     ) -> Iterator[DeltaChunk]:
-        """α·v for ``name`` in the row blocks of a target with ``rows`` rows (zero beyond the vector's rows).
+        """:meth:`delta_chunks_np` as torch tensors."""
+        for chunk in self.delta_chunks_np(name, rows, chunk_elems, scale, _code(work)):
+            yield chunk.torch()
+
+    def delta_chunks_np(
+        self, name: str, rows: int, chunk_elems: int, scale: float, work: str
+    ) -> Iterator[RawDelta]:
+        """α·v for ``name`` in the row blocks of a target with ``rows`` rows (zero beyond the vector's rows),
+        in the work dtype ``work`` (F32 or F64). α multiplies in that dtype (α rounded to it first, as torch
+        multiplies a tensor by a Python number).
 
         Blocks are those of :func:`row_blocks` for the target's shape, so they line up with its chunks.
         """
         entry = self.entries[name]
+        wt = _WORK_NP[work]
         vrows = entry.shape[0] if entry.shape else 1
         row_elems = math.prod(entry.shape[1:])
         fix_idx, fix_hi, fix_lo = self._fixups(name, work)
@@ -374,42 +524,43 @@ class VectorFolder:
             end = min(b, vrows)
             lo, hi = a * row_elems, max(end, a) * row_elems
             m = hi - lo
-            index: torch.Tensor | None = None
+            index: np.ndarray | None = None
             if m <= 0:
-                values = torch.empty(0, dtype=work)
+                values = np.empty(0, dtype=wt)
             elif self.sparse:
-                packed = self._get(key, (lo // 8, (hi + 7) // 8)).numpy()
+                packed = self._get(key, (lo // 8, (hi + 7) // 8))
                 if hi == numel:
                     check_mask_padding(str(self.folder), name, packed, numel)
                 bits = unpack_bits(packed, m)
-                index = torch.from_numpy(np.flatnonzero(bits))
-                k = int(index.numel())
+                index = np.flatnonzero(bits)
+                k = int(index.size)
                 if offset + k > entry.changed:
                     check_mask_count(str(self.folder), name, offset + k, entry.changed)
-                values = self._get(name + VALUES, (offset, offset + k)).to(work, copy=True)
+                values = self._work(name + VALUES, (offset, offset + k), work)
                 offset += k
             else:
-                # copy: a tensor read from safetensors may share the file's mapping, and is changed below
-                values = self._get(key, (a, end) if entry.shape else None).reshape(-1).to(work, copy=True)
-            pos = torch.empty(0, dtype=torch.int64)
-            flo = torch.empty(0, dtype=work)
-            if fix_idx.numel() and m > 0:
-                i0, i1 = (int(x) for x in torch.searchsorted(fix_idx, torch.tensor([lo, hi])))
+                values = self._work(key, (a, end) if entry.shape else None, work).reshape(-1)
+            pos = np.empty(0, dtype=np.int64)
+            flo = np.empty(0, dtype=wt)
+            if fix_idx.size and m > 0:
+                i0, i1 = (int(x) for x in np.searchsorted(fix_idx, [lo, hi]))
                 if i1 > i0:
                     pos = fix_idx[i0:i1] - lo
                     if index is None:  # dense: the exact difference replaces the stored value
                         values[pos] = fix_hi[i0:i1]
-                    elif fix_lo.numel():  # an old vector: hi replaces the rounded stored value, lo comes after
+                    elif fix_lo.size:  # an old vector: hi replaces the rounded stored value, lo comes after
                         values[check_fix_on_changed(str(self.folder), name, index, pos)] = fix_hi[i0:i1]
                         flo = fix_lo[i0:i1]
                     else:  # the stored value is 0 here: the difference is added after it, without a search
                         check_fix_on_mask(str(self.folder), name, bits, pos)
-                        flo = fix_hi[i0:i1].clone()
+                        flo = fix_hi[i0:i1].copy()
             if scale != 1.0:
-                values.mul_(scale)
-                if flo.numel():
-                    flo = flo * scale
-            yield DeltaChunk(index, values, pos, flo)
+                s = wt(scale)
+                with np.errstate(over="ignore"):  # the caller checks the sum it is added to
+                    values *= s
+                    if flo.size:
+                        flo = flo * s
+            yield RawDelta(index, values, pos, flo)
         if self.sparse and rows >= vrows:  # every block of the vector was read
             check_mask_count(str(self.folder), name, offset, entry.changed)
 
@@ -492,6 +643,8 @@ class AdapterFolder:
         self, name: str, rows: int, chunk_elems: int, scale: float, work: torch.dtype
     ) -> Iterator[DeltaChunk]:
         """α·v for ``name`` in the row blocks of a target with ``rows`` rows, as VectorFolder.delta_chunks."""
+        import torch
+
         if name not in self._modules:
             yield from self._residual.delta_chunks(name, rows, chunk_elems, scale, work)
             return
@@ -510,6 +663,19 @@ class AdapterFolder:
                 values = (a[:, lo:end].mT @ b.mT if embedding else b[lo:end] @ a).reshape(-1)
                 values.mul_(s)
             yield DeltaChunk(None, values, none, torch.empty(0, dtype=work))
+
+    def delta_chunks_np(
+        self, name: str, rows: int, chunk_elems: int, scale: float, work: str
+    ) -> Iterator[RawDelta]:
+        """As :meth:`delta_chunks`, as numpy arrays: the residual's tensors decode without torch; a LoRA
+        module's product is formed in torch."""
+        if name not in self._modules:
+            yield from self._residual.delta_chunks_np(name, rows, chunk_elems, scale, work)
+            return
+        from ._io import ST_TO_TORCH
+
+        for c in self.delta_chunks(name, rows, chunk_elems, scale, ST_TO_TORCH[work]):
+            yield RawDelta(None, c.values.numpy(), c.fix_pos.numpy(), c.fix_lo.numpy())
 
 
 def adapter_base(card: VectorCard) -> str | None:

@@ -7,23 +7,30 @@ only, never in pure steps.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
+import os
 import re
 import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from . import _hub_guard as guard
-from ._io import FLOAT_CODES, ST_TO_TORCH, check_stop, nbytes, sha256_file
+from ._io import FLOAT_CODES, ITEMSIZE, check_stop, nbytes, sha256_file
+from ._npdtype import RAW_NUMPY, raw_view
 from .card import ModelRef
 from .errors import CorruptFileError, HubModelError, ModelNotFoundError, PickleOnlyError, RvhubError
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -76,35 +83,83 @@ class TensorInfo:
 
 
 class Reader:
-    """Reads tensors, or rows [a, b) of them, from safetensors files through ``safe_open``.
+    """Reads tensors, or rows [a, b) of them, from safetensors files as raw numpy arrays (bf16 as uint16).
 
-    safe_open maps the file, and the pages a read touches stay resident while the handle is open. Opening
-    per read bounds memory but parses the header every time (~0.5 ms for a large model); so a handle is kept
-    and recycled after ``budget`` bytes read through it: resident memory stays bounded by the budget
-    whatever the model's size, and headers are parsed a handful of times per file.
+    Each file's header is checked by ``safe_open`` (the format's own validation) and parsed once; data is then
+    read with ``pread`` into a fresh, writable array: nothing stays mapped, so resident memory is what the
+    caller holds, whatever the model's size. :meth:`read` gives the same bytes as a torch tensor.
     """
 
-    def __init__(self, budget: int = 64 << 20):
-        self.budget = budget
-        self._open: dict[Path, list[Any]] = {}  # path -> [handle, bytes read through it]
+    def __init__(self) -> None:
+        self._files: dict[Path, _StFile] = {}
+
+    def file(self, path: Path) -> _StFile:
+        f = self._files.get(path)
+        if f is None:
+            f = self._files[path] = _StFile(path)
+        return f
+
+    def read_np(self, path: Path, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """Tensor ``name`` (or rows [a, b) of it, clamped as a slice is) in its shape, as raw values."""
+        return self.file(path).read(name, rows)
 
     def read(self, path: Path, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        slot = self._open.get(path)
-        if slot is None or slot[1] >= self.budget:
-            self.close(path)
-            slot = self._open[path] = [open_safetensors(path).__enter__(), 0]
-        try:
-            t: torch.Tensor = slot[0].get_tensor(name) if rows is None else slot[0].get_slice(name)[rows[0] : rows[1]]
-        except SafetensorError as e:
-            raise CorruptFileError(str(path), f"{name}: {e}") from e
-        slot[1] += t.numel() * t.element_size()
-        return t
+        """As :meth:`read_np`, as a torch tensor of the stored dtype."""
+        from ._npbridge import to_torch
+
+        return to_torch(self.read_np(path, name, rows), self.file(path).tensors[name][0])
 
     def close(self, path: Path | None = None) -> None:
-        for p in [path] if path is not None else list(self._open):
-            slot = self._open.pop(p, None)
-            if slot is not None:
-                slot[0].__exit__(None, None, None)
+        for p in [path] if path is not None else list(self._files):
+            f = self._files.pop(p, None)
+            if f is not None:
+                f.close()
+
+
+class _StFile:
+    """One safetensors file: its header (validated by safe_open, then parsed for the data offsets)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with open_safetensors(path) as f:  # the format's own checks: offsets, sizes, dtypes, file length
+            try:
+                keys = list(f.keys())
+            except SafetensorError as e:
+                raise CorruptFileError(str(path), str(e)) from e
+        self._fd = os.open(path, os.O_RDONLY)
+        self._closer = weakref.finalize(self, os.close, self._fd)
+        try:
+            n = int.from_bytes(os.pread(self._fd, 8, 0), "little")
+            head = json.loads(os.pread(self._fd, n, 8))
+        except (OSError, ValueError) as e:
+            self.close()
+            raise CorruptFileError(str(path), f"header: {e}") from e
+        self._data = 8 + n
+        # name -> (dtype code, shape, begin byte offset in the file)
+        self.tensors: dict[str, tuple[str, tuple[int, ...], int]] = {
+            k: (head[k]["dtype"], tuple(head[k]["shape"]), self._data + int(head[k]["data_offsets"][0])) for k in keys
+        }
+
+    def read(self, name: str, rows: tuple[int, int] | None) -> np.ndarray:
+        code, shape, begin = self.tensors[name]
+        if rows is not None and shape:
+            a, b, _ = slice(*rows).indices(shape[0])
+            b = max(a, b)
+            row = ITEMSIZE[code] * math.prod(shape[1:])
+            begin += a * row
+            shape = (b - a, *shape[1:])
+        out = np.empty(shape, dtype=np.dtype(RAW_NUMPY[code]).newbyteorder("<"))
+        buf = out.reshape(-1).view(np.uint8).data
+        done = 0
+        while done < len(buf):
+            got = os.preadv(self._fd, [buf[done:]], begin + done)
+            if got <= 0:
+                raise CorruptFileError(str(self.path), f"{name}: the file ends before the tensor's data")
+            done += got
+        return out
+
+    def close(self) -> None:
+        self._closer()
 
 
 @dataclass
@@ -143,11 +198,15 @@ class ModelSource:
     def side_files(self) -> list[Path]:
         return [self.root / n for n in SIDE_FILES if (self.root / n).is_file()]
 
-    def read(self, name: str) -> torch.Tensor:
-        return self._reader.read(self.tensors[name].file, name)
+    def read_np(self, name: str) -> np.ndarray:
+        """The tensor in its shape, as raw values (bf16 as uint16 bit patterns)."""
+        return self._reader.read_np(self.tensors[name].file, name)
 
-    def iter_chunks(self, name: str, chunk_elems: int = CHUNK_ELEMS) -> Iterator[torch.Tensor]:
-        """Yield the tensor flattened, in contiguous chunks of about ``chunk_elems`` elements.
+    def read(self, name: str) -> torch.Tensor:
+        return _torch(self.read_np(name), self.tensors[name].dtype)
+
+    def iter_chunks_np(self, name: str, chunk_elems: int = CHUNK_ELEMS) -> Iterator[np.ndarray]:
+        """Yield the tensor's raw values flattened, in contiguous chunks of about ``chunk_elems`` elements.
 
         Chunk boundaries fall on row boundaries and on multiples of 8 elements (so bitmasks pack per chunk),
         except at the end. The same ``chunk_elems`` gives the same boundaries for equal shapes.
@@ -158,24 +217,39 @@ class ModelSource:
         blocks = row_blocks(info.shape, chunk_elems) if info.shape and info.numel else []
         if len(blocks) <= 1:
             check_stop()
-            yield self._reader.read(info.file, name).reshape(-1)
+            yield self._reader.read_np(info.file, name).reshape(-1)
             return
         for block in blocks:
             check_stop()
-            yield self._reader.read(info.file, name, block).reshape(-1)
+            yield self._reader.read_np(info.file, name, block).reshape(-1)
+
+    def iter_chunks(self, name: str, chunk_elems: int = CHUNK_ELEMS) -> Iterator[torch.Tensor]:
+        """:meth:`iter_chunks_np` as torch tensors."""
+        code = self.tensors[name].dtype
+        for c in self.iter_chunks_np(name, chunk_elems):
+            yield _torch(c, code)
 
     def content_sha256(self) -> str | None:
         return self._hash.result() if self._hash else None
 
-    def read_span(self, name: str, start: int, length: int) -> torch.Tensor:
-        """Flat elements [start, start + length) of a tensor, reading only the rows that hold them."""
+    def read_span_np(self, name: str, start: int, length: int) -> np.ndarray:
+        """Flat raw elements [start, start + length) of a tensor, reading only the rows that hold them."""
         info = self.tensors[name]
         if not info.shape:
-            return self.read(name).reshape(-1)[start : start + length]
+            return self.read_np(name).reshape(-1)[start : start + length]
         row = math.prod(info.shape[1:]) or 1
         r0, r1 = start // row, -(-(start + length) // row)
-        t = self._reader.read(info.file, name, (r0, r1)).reshape(-1)
+        t = self._reader.read_np(info.file, name, (r0, r1)).reshape(-1)
         return t[start - r0 * row : start - r0 * row + length]
+
+    def read_span(self, name: str, start: int, length: int) -> torch.Tensor:
+        return _torch(self.read_span_np(name, start, length), self.tensors[name].dtype)
+
+
+def _torch(raw: np.ndarray, code: str) -> torch.Tensor:
+    from ._npbridge import to_torch
+
+    return to_torch(raw, code)
 
 
 def row_blocks(shape: tuple[int, ...], chunk_elems: int) -> list[tuple[int, int]]:
@@ -234,7 +308,7 @@ class _ContentHasher:
 def open_safetensors(path: Path) -> Any:
     """``safe_open`` with format errors turned into :class:`CorruptFileError`."""
     try:
-        return safe_open(str(path), framework="pt")
+        return safe_open(str(path), framework="numpy")
     except (SafetensorError, OSError) as e:
         raise CorruptFileError(str(path), str(e)) from e
 
@@ -262,7 +336,7 @@ def _open_folder(root: Path, ref: ModelRef, hash_content: bool) -> ModelSource:
                     tensors[name] = TensorInfo(name, sl.get_dtype(), tuple(sl.get_shape()), file)
             except SafetensorError as e:
                 raise CorruptFileError(str(file), str(e)) from e
-    bad = [t for t in tensors.values() if t.dtype not in ST_TO_TORCH]
+    bad = [t for t in tensors.values() if t.dtype not in RAW_NUMPY]
     if bad:
         raise CorruptFileError(str(bad[0].file), f"tensor {bad[0].name} has unsupported dtype {bad[0].dtype}")
     config = _read_json(root / "config.json") if (root / "config.json").is_file() else {}
@@ -466,14 +540,14 @@ class RemoteModel(ModelSource):
     _data_offsets: dict[str, int] = field(default_factory=dict, repr=False)  # tensor -> start in its file's data
     _offsets: dict[str, int] = field(default_factory=dict, repr=False)  # file -> byte offset of its data
 
-    def read(self, name: str) -> torch.Tensor:
+    def read_np(self, name: str) -> np.ndarray:
         info = self.tensors[name]
-        return self.read_span(name, 0, info.numel).reshape(info.shape)
+        return self.read_span_np(name, 0, info.numel).reshape(info.shape)
 
-    def iter_chunks(self, name: str, chunk_elems: int = CHUNK_ELEMS) -> Iterator[torch.Tensor]:
+    def iter_chunks_np(self, name: str, chunk_elems: int = CHUNK_ELEMS) -> Iterator[np.ndarray]:
         raise NotImplementedError("a RemoteModel is read by span only; open_model downloads the weights")
 
-    def read_span(self, name: str, start: int, length: int) -> torch.Tensor:
+    def read_span_np(self, name: str, start: int, length: int) -> np.ndarray:
         from huggingface_hub import get_session, hf_hub_url
         from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]  # public, not in __all__
 
@@ -484,13 +558,9 @@ class RemoteModel(ModelSource):
         if filename not in self._offsets:
             head = _range_get(get_session(), url, build_hf_headers(), 0, 8, self.repo_id)
             self._offsets[filename] = 8 + int.from_bytes(head, "little")
-        begin = self._offsets[filename] + self._data_offsets[name] + start * _itemsize(info.dtype)
-        data = _range_get(get_session(), url, build_hf_headers(), begin, length * _itemsize(info.dtype), self.repo_id)
-        return torch.frombuffer(bytearray(data), dtype=ST_TO_TORCH[info.dtype]) if data else torch.empty(0)
-
-
-def _itemsize(code: str) -> int:
-    return torch.empty(0, dtype=ST_TO_TORCH[code]).element_size()
+        begin = self._offsets[filename] + self._data_offsets[name] + start * ITEMSIZE[info.dtype]
+        data = _range_get(get_session(), url, build_hf_headers(), begin, length * ITEMSIZE[info.dtype], self.repo_id)
+        return raw_view(bytearray(data), info.dtype)
 
 
 def _range_get(session: Any, url: str, headers: dict[str, str], begin: int, size: int, ref: str) -> bytes:
@@ -550,7 +620,7 @@ def open_remote(ref: str) -> ModelSource:
     offsets: dict[str, int] = {}
     for filename, file_meta in meta.files_metadata.items():
         for name, t in file_meta.tensors.items():
-            if t.dtype not in ST_TO_TORCH:
+            if t.dtype not in RAW_NUMPY:
                 raise CorruptFileError(f"{ref}/{filename}", f"tensor {name} has unsupported dtype {t.dtype}")
             if any(not isinstance(d, int) or d < 0 for d in t.shape) or not isinstance(t.data_offsets[0], int) \
                     or t.data_offsets[0] < 0:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -158,6 +159,7 @@ class ShapeResult:
     comparisons: dict[str, Comparison] = field(default_factory=dict)
     exact: Comparison | None = None
     vector_bytes: int | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- setup
@@ -226,9 +228,15 @@ def run_shape(bench: Bench, shape: Shape, deltas: str = "small") -> ShapeResult:
     """Build (or reuse) the checkpoints of a shape and delta regime, time every contender and compare their
     outputs."""
     shape = shape if deltas == "small" else replace(shape, name=f"{shape.name}-{deltas}")
+    check_disk(shape, bench.work)
     print(f"[{shape.name}] building or reusing checkpoints ...", flush=True)
     trio = build_trio(shape, bench.work / "models", deltas=deltas)
     result = ShapeResult(shape, deltas, sum(f.stat().st_size for f in safetensors_files(trio.sft)))
+    # the naive merge holds the three models and its output in memory at once (4 models' bytes, in bf16)
+    naive_fits = 4 * result.model_bytes < _page_cache_bytes() * 0.8
+    if not naive_fits:
+        result.notes.append(f"(c) naive torch skipped: it holds 4 models ({4 * result.model_bytes / 1e9:.1f} GB) in "
+                            f"memory, more than 80% of this machine's {_page_cache_bytes() / 1e9:.1f} GB")
     runs = bench.run_dir(shape)
     remove(runs)
     vec, out_a, out_b, out_c = (runs / n for n in ("vector", "out_rvhub", "out_mergekit", "out_naive"))
@@ -256,17 +264,19 @@ def run_shape(bench: Bench, shape: Shape, deltas: str = "small") -> ShapeResult:
     step(FLOOR_BOTH, [py, floor, runs / "floor", trio.target, trio.sft, trio.rl],
          [trio.target, trio.sft, trio.rl], [runs / "floor"])
     remove(runs / "floor")
-    step(NAIVE, [py, naive, trio.sft, trio.rl, trio.target, out_c, str(ALPHA)], [trio.sft, trio.rl, trio.target],
-         [out_c])
+    if naive_fits:
+        step(NAIVE, [py, naive, trio.sft, trio.rl, trio.target, out_c, str(ALPHA)],
+             [trio.sft, trio.rl, trio.target], [out_c])
     config = bench.helpers / f"mergekit-{shape.name}.yml"
     config.write_text(mergekit_config(trio.sft, trio.rl, trio.target))
     step(MERGEKIT, [bench.mergekit_yaml, config, out_b, *MERGEKIT_FLAGS], [trio.sft, trio.rl, trio.target],
          [out_b])
 
     print(f"[{shape.name}] comparing outputs ...", flush=True)
-    pairs = [("(b) mergekit vs (c) naive torch", out_b, out_c)]
+    pairs = [("(b) mergekit vs (c) naive torch", out_b, out_c)] if naive_fits else []
     if bench.rvhub:
-        pairs.insert(0, ("(a) rvhub vs (c) naive torch", out_a, out_c))
+        if naive_fits:
+            pairs.insert(0, ("(a) rvhub vs (c) naive torch", out_a, out_c))
         pairs.append(("(a) rvhub vs (b) mergekit", out_a, out_b))
     result.comparisons = {label: compare_checkpoints(x, y) for label, x, y in pairs}
     remove(runs)
@@ -395,6 +405,7 @@ def render(results: Sequence[ShapeResult], bench: Bench, command: str, rvhub_not
     skip = "skipped: rvhub not found" if bench.rvhub is None else ""
     for r in results:
         parts += ["", f"### {shape_title(r)}", "", timing_table(r, skip), "", *equality_lines(r)]
+        parts += [f"- {note}." for note in r.notes]
         parts.append("- " + quiet_note(r.reps, bench.idle_wait) + ".")
         if r.shape.name.startswith("3b") or r.model_bytes * 3 > _page_cache_bytes():
             parts.append(f"- The three models ({3 * r.model_bytes / 1e9:.1f} GB) do not fit this machine's memory "
@@ -403,6 +414,21 @@ def render(results: Sequence[ShapeResult], bench: Bench, command: str, rvhub_not
     if any(r.shape.name == "tiny" for r in results):
         parts += ["", "_Tiny self-test shape: timings are dominated by start-up and mean nothing._"]
     return "\n".join(parts) + "\n"
+
+
+def check_disk(shape: Shape, work: Path) -> None:
+    """Refuse, before anything is built, a shape whose checkpoints and outputs cannot fit the free disk: three
+    models (unless cached) and, at the peak, the vector plus four model-size outputs (rvhub, mergekit, naive,
+    the IO floor or the exactness check), with 10% to spare."""
+    model = 2 * shape.n_params()  # bf16
+    cached = (work / "models" / shape.name / "recipe.json").is_file()
+    need = int(((0 if cached else 3) + 4.5) * model * 1.1)
+    work.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(work).free
+    if free < need:
+        raise SystemExit(f"[{shape.name}] needs ~{need / 1e9:.0f} GB free under {work} "
+                         f"({'' if cached else 'three models and '}model-size outputs); {free / 1e9:.0f} GB are free. "
+                         "Free space, or pass --work on a larger disk.")
 
 
 def _page_cache_bytes() -> int:
