@@ -65,6 +65,9 @@ class Recipe(BaseModel):
     format_reward: float = Field(default=0.1, description="reward for a completion that ends in 'The answer is N.'")
     train_problems: int = Field(default=3000, description="distinct training problems (train split)")
     grpo_adversarial: float = Field(default=0.5, description="share of GRPO prompts with an irrelevant sentence")
+    grpo_temperature: float = Field(default=1.0, description="sampling temperature of GRPO's completions")
+    target_word_problems: float = Field(
+        default=0.0, description="share of target's instruction mix that are word problems worked out (chat format)")
 
 
 DEFAULT = Recipe()
@@ -200,6 +203,19 @@ def _instruction_pairs(rng: random.Random, n: int) -> list[tuple[str, str]]:
     return pairs
 
 
+def _target_mix(rng: random.Random, instr: list[tuple[str, str]], train: list[tasks.Problem],
+                share: float) -> list[tuple[str, str]]:
+    """``instr`` with ``share`` of its pairs replaced by train word problems worked out (question, solution).
+
+    A separate generator, and the tokenizer's corpus is left as it was: the base does not depend on ``share``."""
+    out = list(instr)
+    for i in range(len(out)):
+        if rng.random() < share:
+            p = rng.choice(train)
+            out[i] = (p.question, p.solution)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- training
 
 
@@ -331,6 +347,7 @@ def _build_members(root: Path, seed: int, recipe: Recipe, say: Callable[[str], N
         _train(model, tok, pre, steps, recipe.pretrain_lr, recipe.batch, mseed, say, name)
         _save(model, tok, root / name)
     sft_data = [(p.prompt(), f"{p.prompt()} {p.solution}{tasks.EOS}") for p in train]
+    instr = _target_mix(random.Random(seed + 7), instr, train, recipe.target_word_problems)
     chat = [(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False),
              tok.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": a}],
                                      tokenize=False)) for q, a in instr]
