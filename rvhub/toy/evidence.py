@@ -106,8 +106,13 @@ def accuracy(folder: Path, probs: list[tasks.Problem], *, adversarial: bool = Fa
 
 
 def evidence(paths: FamilyPaths, split: tasks.Split = "validation", scale: float = 1.0,
-             n: int | None = None) -> list[Score]:
-    """Scores of base, sft, rl, target, target ± scale·v, target + control and base + v on ``split``."""
+             n: int | None = None, ranks: tuple[int, ...] = ()) -> list[Score]:
+    """Scores of base, sft, rl, target, target ± scale·v, target + control and base + v on ``split``; with
+    ``ranks``, also target + the LoRA form of v at each rank (``rvhub compress --rank R``: the linear layers'
+    deltas as an adapter, the rest, tied embeddings included, in its exact residual)."""
+    from rvhub.compress import compress
+    from rvhub.formats import open_vector
+
     probs = tasks.problems(split, n)
     with tempfile.TemporaryDirectory(prefix="rvhub-toy-v-") as tmp:
         v = extract_vector(paths, Path(tmp) / "v")
@@ -118,6 +123,9 @@ def evidence(paths: FamilyPaths, split: tasks.Split = "validation", scale: float
             (f"target-{scale:g}v", paths.target, v, -scale), (f"target+{scale:g}control", paths.target, r, scale),
             (f"base+{scale:g}v", paths.base, v, scale),
         ]
+        for rank in ranks:
+            compress(Path(tmp) / "v", Path(tmp) / f"lora{rank}", rank=rank, progress=False)
+            runs.append((f"target+{scale:g}lora{rank}", paths.target, open_vector(Path(tmp) / f"lora{rank}"), scale))
         return [accuracy(folder, probs, adversarial=adv, deltas=d, scale=a, name=name)
                 for adv in (False, True) for name, folder, d, a in runs]
 
