@@ -19,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--split", choices=["validation", "test"], default="validation")
     e.add_argument("--scale", type=float, default=1.0)
     e.add_argument("--seed", type=int, default=0, help="the seed the family in DIR was built with")
+    e.add_argument("--ranks", default="", help="also target + v's LoRA form at these ranks, e.g. 4,16,64")
     args = parser.parse_args(argv)
 
     from rvhub.errors import RvhubError
@@ -30,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from rvhub.toy.evidence import evidence, table
 
-            print(table(evidence(FamilyPaths.at(args.dir, ""), args.split, args.scale)))
+            ranks = tuple(int(r) for r in args.ranks.split(",") if r)
+            print(table(evidence(FamilyPaths.at(args.dir, ""), args.split, args.scale, ranks=ranks)))
     except RvhubError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

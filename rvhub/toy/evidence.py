@@ -1,23 +1,25 @@
 """Does ``target + (rl − sft)`` solve more toy problems than ``target`` and a norm-matched random control?
 
-A small greedy-decoding accuracy function (for tuning the recipe on the validation split without lm-eval), the
-in-memory sums (float32, rounded once to the model's bf16, as ``rvhub apply`` computes them), the authors'
-control (per tensor, Gaussian noise rescaled to that tensor's ‖v‖₂) and an exact McNemar test.
+A small greedy-decoding accuracy function (for tuning the recipe on the validation split without lm-eval) on
+models that take a vector in memory through :mod:`rvhub.inmemory` (``add_vector``: float32 arithmetic rounded
+once to the model's bf16, what ``rvhub apply`` writes) and its Gaussian control (``Control``: per tensor,
+Gaussian noise rescaled to that tensor's ‖v‖₂, the authors' construction). The vector is ``rvhub extract``'s
+exact one; p-values are rvhub eval's McNemar (:mod:`rvhub._stats`).
 """
 
 from __future__ import annotations
 
 import math
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rvhub.toy import tasks
 
 if TYPE_CHECKING:
-    import torch
-
+    from rvhub.inmemory import Deltas
     from rvhub.toy.family import FamilyPaths
 
 
@@ -49,51 +51,47 @@ def mcnemar(a: Iterable[bool], b: Iterable[bool]) -> float:
     return paired([float(x) for x in a], [float(y) for y in b]).p_value
 
 
-def load_state(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def extract_vector(paths: FamilyPaths, out: Path) -> Deltas:
+    """``rvhub extract --from sft --to rl`` into ``out`` (exact, sparse), opened."""
+    from rvhub.extract import extract
+    from rvhub.formats import open_vector
 
-    return load_file(str(path / "model.safetensors"))
-
-
-def vector(paths: FamilyPaths) -> dict[str, torch.Tensor]:
-    """v = rl − sft in float32 (exact for bf16 weights that are close, as rvhub extract stores them)."""
-    rl, sft = load_state(paths.rl), load_state(paths.sft)
-    return {k: rl[k].float() - sft[k].float() for k in sorted(rl)}
+    extract(str(paths.sft), str(paths.rl), out, progress=False)
+    return open_vector(out)
 
 
-def gaussian_control(v: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
-    """Per tensor, N(0, 1) noise rescaled to that tensor's ‖v‖₂ (zero where v is zero)."""
+def control(vec: Deltas, seed: int = 0) -> Deltas:
+    """The Gaussian control of ``vec`` (rvhub eval's): per tensor, N(0, 1) noise rescaled to ‖v_t‖₂."""
+    from rvhub.inmemory import Control
+
+    return Control(vec, "gaussian", seed)
+
+
+def load(folder: Path, deltas: Deltas | None = None, scale: float = 1.0) -> Any:
+    """The bf16 model of ``folder``, plus ``scale``·``deltas`` added in memory (rvhub.inmemory.add_vector)."""
     import torch
+    from transformers import AutoModelForCausalLM
 
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for k, t in v.items():
-        r = torch.randn(t.shape, generator=g)
-        out[k] = r * (t.norm() / r.norm())
-    return out
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    if deltas is not None:
+        from rvhub.inmemory import add_vector
 
-
-def added(base: dict[str, torch.Tensor], v: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
-    """``base + scale·v`` computed in float32, rounded once to each tensor's dtype."""
-    return {k: (t.float() + scale * v[k]).to(t.dtype) if k in v else t for k, t in base.items()}
+        add_vector(model, deltas, scale)
+    return model
 
 
-def accuracy(folder: Path, probs: list[tasks.Problem], *, adversarial: bool = False,
-             state: dict[str, torch.Tensor] | None = None, batch: int = 100, name: str = "") -> Score:
+def accuracy(folder: Path, probs: list[tasks.Problem], *, adversarial: bool = False, deltas: Deltas | None = None,
+             scale: float = 1.0, batch: int = 100, name: str = "") -> Score:
     """Greedy decoding (up to 40 new tokens) of each prompt; correct when the parsed final answer matches.
 
-    ``state`` replaces the folder's weights (a sum computed in memory); the config and tokenizer stay the
-    folder's."""
+    ``deltas`` (a vector or a control) is added to the folder's weights first, ``scale`` times."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(folder)
     tok.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
-    if state is not None:
-        model.load_state_dict(state, strict=False)
-        model.tie_weights()
-    model.float().eval()  # type: ignore[no-untyped-call]  # bf16 weights evaluated in float32: CPU bf16 matmuls are slow
+    model = load(folder, deltas, scale)
+    model.float().eval()  # the bf16 sums evaluated in float32: CPU bf16 matmuls are slow
     out: list[bool] = []
     with torch.no_grad():
         for i in range(0, len(probs), batch):
@@ -108,21 +106,28 @@ def accuracy(folder: Path, probs: list[tasks.Problem], *, adversarial: bool = Fa
 
 
 def evidence(paths: FamilyPaths, split: tasks.Split = "validation", scale: float = 1.0,
-             n: int | None = None) -> list[Score]:
-    """Scores of base, sft, rl, target, target ± scale·v, target + control and base + v on ``split``."""
+             n: int | None = None, ranks: tuple[int, ...] = ()) -> list[Score]:
+    """Scores of base, sft, rl, target, target ± scale·v, target + control and base + v on ``split``; with
+    ``ranks``, also target + the LoRA form of v at each rank (``rvhub compress --rank R``: the linear layers'
+    deltas as an adapter, the rest, tied embeddings included, in its exact residual)."""
+    from rvhub.compress import compress
+    from rvhub.formats import open_vector
+
     probs = tasks.problems(split, n)
-    v = vector(paths)
-    r = gaussian_control(v)
-    target, base = load_state(paths.target), load_state(paths.base)
-    runs: list[tuple[str, Path, dict[str, torch.Tensor] | None]] = [
-        ("base", paths.base, None), ("sft", paths.sft, None), ("rl", paths.rl, None),
-        ("target", paths.target, None), (f"target+{scale:g}v", paths.target, added(target, v, scale)),
-        (f"target-{scale:g}v", paths.target, added(target, v, -scale)),
-        (f"target+{scale:g}control", paths.target, added(target, r, scale)),
-        (f"base+{scale:g}v", paths.base, added(base, v, scale)),
-    ]
-    return [accuracy(folder, probs, adversarial=adv, state=state, name=name)
-            for adv in (False, True) for name, folder, state in runs]
+    with tempfile.TemporaryDirectory(prefix="rvhub-toy-v-") as tmp:
+        v = extract_vector(paths, Path(tmp) / "v")
+        r = control(v)
+        runs: list[tuple[str, Path, Deltas | None, float]] = [
+            ("base", paths.base, None, 1.0), ("sft", paths.sft, None, 1.0), ("rl", paths.rl, None, 1.0),
+            ("target", paths.target, None, 1.0), (f"target+{scale:g}v", paths.target, v, scale),
+            (f"target-{scale:g}v", paths.target, v, -scale), (f"target+{scale:g}control", paths.target, r, scale),
+            (f"base+{scale:g}v", paths.base, v, scale),
+        ]
+        for rank in ranks:
+            compress(Path(tmp) / "v", Path(tmp) / f"lora{rank}", rank=rank, progress=False)
+            runs.append((f"target+{scale:g}lora{rank}", paths.target, open_vector(Path(tmp) / f"lora{rank}"), scale))
+        return [accuracy(folder, probs, adversarial=adv, deltas=d, scale=a, name=name)
+                for adv in (False, True) for name, folder, d, a in runs]
 
 
 def table(scores: list[Score]) -> str:

@@ -6,7 +6,7 @@
 - rl: sft trained further with TRL's ``GRPOTrainer`` on the same problems (correctness reward plus a small
   format reward), so that ``rl − sft`` is what GRPO added, as in the paper's pair.
 - target: base fine-tuned on a different instruction mix in the chat format (counting, comparing, bare
-  arithmetic with worked steps): "the instruct model" of the lineage.
+  arithmetic with worked steps, and 20 % word problems worked out): "the instruct model" of the lineage.
 - other: the same architecture pretrained from another seed (the lineage check refuses it).
 
 Training runs in float32; the folders hold bf16 weights. A build is cached under the user cache folder
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 log = logging.getLogger(__name__)
-BUILD_VERSION = 1  # bump when the build code changes what a recipe produces
+BUILD_VERSION = 2  # bump when the build code changes what a recipe produces
 MEMBERS = ("base", "sft", "rl", "target", "other")
 
 
@@ -57,14 +57,17 @@ class Recipe(BaseModel):
     target_steps: int = Field(default=100, description="steps of instruction tuning for target")
     finetune_lr: float = Field(default=2e-3, description="peak learning rate of sft and target")
     batch: int = Field(default=32, description="sequences per optimizer step (pretraining and SFT)")
-    grpo_steps: int = Field(default=30, description="GRPOTrainer optimizer steps")
-    grpo_lr: float = Field(default=3e-5, description="GRPO learning rate")
+    grpo_steps: int = Field(default=40, description="GRPOTrainer optimizer steps")
+    grpo_lr: float = Field(default=1e-4, description="GRPO learning rate")
     grpo_generations: int = Field(default=8, description="completions per prompt (num_generations)")
-    grpo_batch: int = Field(default=32, description="completions per step (a multiple of grpo_generations)")
+    grpo_batch: int = Field(default=128, description="completions per step (a multiple of grpo_generations)")
     grpo_beta: float = Field(default=0.0, description="KL coefficient (0: no reference model, TRL's default)")
     format_reward: float = Field(default=0.1, description="reward for a completion that ends in 'The answer is N.'")
     train_problems: int = Field(default=3000, description="distinct training problems (train split)")
     grpo_adversarial: float = Field(default=0.5, description="share of GRPO prompts with an irrelevant sentence")
+    grpo_temperature: float = Field(default=0.7, description="sampling temperature of GRPO's completions")
+    target_word_problems: float = Field(
+        default=0.2, description="share of target's instruction mix that are word problems worked out (chat format)")
 
 
 DEFAULT = Recipe()
@@ -200,6 +203,19 @@ def _instruction_pairs(rng: random.Random, n: int) -> list[tuple[str, str]]:
     return pairs
 
 
+def _target_mix(rng: random.Random, instr: list[tuple[str, str]], train: list[tasks.Problem],
+                share: float) -> list[tuple[str, str]]:
+    """``instr`` with ``share`` of its pairs replaced by train word problems worked out (question, solution).
+
+    A separate generator, and the tokenizer's corpus is left as it was: the base does not depend on ``share``."""
+    out = list(instr)
+    for i in range(len(out)):
+        if rng.random() < share:
+            p = rng.choice(train)
+            out[i] = (p.question, p.solution)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- training
 
 
@@ -331,6 +347,7 @@ def _build_members(root: Path, seed: int, recipe: Recipe, say: Callable[[str], N
         _train(model, tok, pre, steps, recipe.pretrain_lr, recipe.batch, mseed, say, name)
         _save(model, tok, root / name)
     sft_data = [(p.prompt(), f"{p.prompt()} {p.solution}{tasks.EOS}") for p in train]
+    instr = _target_mix(random.Random(seed + 7), instr, train, recipe.target_word_problems)
     chat = [(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False),
              tok.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": a}],
                                      tokenize=False)) for q, a in instr]

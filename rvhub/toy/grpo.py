@@ -55,7 +55,7 @@ def train_grpo(model: PreTrainedModel, tok: PreTrainedTokenizerFast, train: list
         output_dir=str(workdir), use_cpu=True, bf16=False, fp16=False, seed=seed, data_seed=seed,
         learning_rate=recipe.grpo_lr, lr_scheduler_type="constant", warmup_steps=0, max_steps=recipe.grpo_steps,
         per_device_train_batch_size=recipe.grpo_batch, gradient_accumulation_steps=1,
-        num_generations=recipe.grpo_generations, max_completion_length=32, temperature=1.0,
+        num_generations=recipe.grpo_generations, max_completion_length=32, temperature=recipe.grpo_temperature,
         beta=recipe.grpo_beta, logging_steps=max(1, recipe.grpo_steps // 6), save_strategy="no", report_to=[],
         disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False,
         reward_weights=[1.0, 1.0],
