@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -68,6 +70,10 @@ def test_same_seed_same_weights_and_cache_reuse(tiny, tmp_path, monkeypatch, cap
     capsys.readouterr()
     reused = build_family(tmp_path / "reused", 0, TINY)
     assert "cached" in capsys.readouterr().out and _hashes(reused) == _hashes(paths)
+    entry = build_family(None, 0, TINY)  # the cache entry itself: its YAMLs name its own data files
+    for name in ("rvhub_toy.yaml", "rvhub_toy_val_adv.yaml"):
+        data = re.search(r"data_files: *\[?\"?([^\"\]\n]+)", (entry.tasks / name).read_text())
+        assert data and Path(data.group(1)).is_file() and Path(data.group(1)).is_relative_to(entry.tasks.resolve())
 
 
 def test_changed_recipe_or_seed_gets_a_new_entry(tiny):

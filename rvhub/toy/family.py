@@ -138,7 +138,7 @@ def build_family(out: Path | None, seed: int = 0, recipe: Recipe = DEFAULT, *,
         say(f"toy family {key}: building in {entry} (recipe {recipe.model_dump()})")
         with atomic_dir(entry, overwrite=True) as tmp:
             _build(tmp, seed, recipe, say)
-            tasks.write_tasks(tmp / "tasks")
+            tasks.write_tasks(tmp / "tasks", final=entry / "tasks")
             (tmp / "recipe.json").write_text(json.dumps({"seed": seed, "key": key, **recipe.model_dump()}, indent=2))
     if out is None:
         return FamilyPaths.at(entry, key)
@@ -146,8 +146,7 @@ def build_family(out: Path | None, seed: int = 0, recipe: Recipe = DEFAULT, *,
         for m in MEMBERS:
             shutil.copytree(entry / m, tmp / m)
         shutil.copy2(entry / "recipe.json", tmp / "recipe.json")
-        tasks.write_tasks(tmp / "tasks")
-    tasks.write_tasks(Path(out) / "tasks")  # the YAMLs name their data files by absolute path: rewrite for OUT
+        tasks.write_tasks(tmp / "tasks", final=Path(out) / "tasks")
     say(f"toy family written to {out}")
     return FamilyPaths.at(Path(out), key)
 

@@ -132,10 +132,13 @@ metadata:
 """
 
 
-def write_tasks(root: Path, test: list[Problem] | None = None, validation: list[Problem] | None = None) -> Path:
+def write_tasks(root: Path, test: list[Problem] | None = None, validation: list[Problem] | None = None, *,
+                final: Path | None = None) -> Path:
     """Write ``root`` with JSONL data and lm-eval YAMLs: ``rvhub_toy``, ``rvhub_toy_adv`` (test split) and
-    ``rvhub_toy_val``, ``rvhub_toy_val_adv`` (validation split, for tuning)."""
+    ``rvhub_toy_val``, ``rvhub_toy_val_adv`` (validation split, for tuning). The YAMLs name their data files by
+    absolute path, under ``final`` when ``root`` is a temporary folder that will be renamed to ``final``."""
     root.mkdir(parents=True, exist_ok=True)
+    where = (final or root).resolve()
     for split, probs in (("test", test or problems("test")), ("validation", validation or problems("validation"))):
         rows = [{"question": p.question, "adversarial": p.adversarial, "answer": str(p.answer),
                  "solution": p.solution} for p in probs]
@@ -143,6 +146,6 @@ def write_tasks(root: Path, test: list[Problem] | None = None, validation: list[
         suffix = "" if split == "test" else "_val"
         for field, adv in (("question", ""), ("adversarial", "_adv")):
             task = f"rvhub_toy{suffix}{adv}"
-            data = str((root / f"{split}.jsonl").resolve())
+            data = str(where / f"{split}.jsonl")
             (root / f"{task}.yaml").write_text(_YAML.format(task=task, data=data, field=field, eos=EOS))
     return root
