@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     sections = []
     for name in args.shapes.split(","):
         shape = SHAPES[name]
-        trio = build_trio(shape, args.work / "models")
+        trio = build_trio(shape, args.work / "models-eval")  # its own copy: it adds tokenizers to the trio
         add_tokenizers(trio)
         work = args.work / f"eval-{name}"
         remove(work)
