@@ -8,7 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +142,30 @@ def cli_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_DISABLE_PROGRESS_BARS", "RVHUB_DEBUG")}
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **extra)
     return env
+
+
+_IMPORTS_RUNNER = """
+import json, sys
+from rvhub.cli import app
+try:
+    app(sys.argv[3:])
+except SystemExit as e:
+    code = e.code or 0
+with open(sys.argv[1], "w") as f:
+    json.dump({"code": code, "heavy": [m for m in json.loads(sys.argv[2]) if m in sys.modules]}, f)
+"""
+
+
+def run_cli_imports(
+    report: Path, heavy: Sequence[str], *args: object, timeout: float = 300
+) -> tuple[list[str], subprocess.CompletedProcess[str]]:
+    """Run ``rvhub ARGS`` in a fresh interpreter and return which of the ``heavy`` modules it had imported at its
+    end (written to ``report``), with the finished process; the command must succeed."""
+    done = subprocess.run([sys.executable, "-c", _IMPORTS_RUNNER, str(report), json.dumps(list(heavy)),
+                           *map(str, args)], capture_output=True, text=True, env=cli_env(), timeout=timeout)
+    result = json.loads(report.read_text())
+    assert result["code"] == 0, done.stderr
+    return list(result["heavy"]), done
 
 
 def run_cli(*args: object, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

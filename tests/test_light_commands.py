@@ -3,28 +3,15 @@ interpreter, and the modules loaded at its end are listed."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import cli_env, run_cli
+from helpers import run_cli, run_cli_imports
 
 from rvhub import __version__
 from rvhub.registry import push
 
 HEAVY = ("torch", "transformers", "peft", "numpy", "safetensors", "lm_eval")
-_RUNNER = """
-import json, sys
-from rvhub.cli import app
-try:
-    app(sys.argv[2:])
-except SystemExit as e:
-    code = e.code or 0
-with open(sys.argv[1], "w") as f:
-    json.dump({"code": code, "heavy": [m for m in HEAVY if m in sys.modules]}, f)
-""".replace("HEAVY", repr(HEAVY))
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +28,8 @@ def test_command_does_not_import_torch(command, registry, vector, tmp_path):
         "search": ["search", "--registry", registry],
         "card": ["card", vector("qwen2_plain")],
     }.get(command, [command])
-    report = tmp_path / "modules.json"
-    done = subprocess.run([sys.executable, "-c", _RUNNER, str(report), *map(str, args)], capture_output=True,
-                          text=True, env=cli_env(), timeout=120)
-    result = json.loads(report.read_text())
-    assert result["code"] == 0, done.stderr
-    assert result["heavy"] == [], f"rvhub {command} imported {result['heavy']}"
+    heavy, done = run_cli_imports(tmp_path / "modules.json", HEAVY, *args, timeout=120)
+    assert heavy == [], f"rvhub {command} imported {heavy}"
     if command in ("--version", "version"):
         assert done.stdout.strip() == __version__
     if command == "info":

@@ -4,15 +4,12 @@ imported by either command (each runs in a fresh interpreter, and the modules lo
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_bitwise_equal, cli_env, expected_apply, load_tensors, write_model
+from helpers import assert_bitwise_equal, expected_apply, load_tensors, run_cli_imports, write_model
 
 from rvhub.apply import apply
 from rvhub.extract import extract
@@ -20,16 +17,6 @@ from rvhub.formats import VectorFolder
 from rvhub.toy import Trio
 
 HEAVY = ("torch", "transformers", "peft", "lm_eval")
-_RUNNER = """
-import json, sys
-from rvhub.cli import app
-try:
-    app(sys.argv[2:])
-except SystemExit as e:
-    code = e.code or 0
-with open(sys.argv[1], "w") as f:
-    json.dump({"code": code, "heavy": [m for m in HEAVY if m in sys.modules]}, f)
-""".replace("HEAVY", repr(HEAVY))
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ALPHAS = [0.5, -1.0, 1.7]
@@ -37,12 +24,8 @@ TRIOS = ["qwen2_large", "llama_large"]  # tied / untied; 20% of elements moved b
 
 
 def _run(tmp_path: Path, *args: object) -> dict[str, object]:
-    report = tmp_path / "modules.json"
-    done = subprocess.run([sys.executable, "-c", _RUNNER, str(report), *map(str, args)], capture_output=True,
-                          text=True, env=cli_env(), timeout=300)
-    result: dict[str, object] = json.loads(report.read_text())
-    assert result["code"] == 0, done.stderr
-    return result
+    heavy, _ = run_cli_imports(tmp_path / "modules.json", HEAVY, *args)
+    return {"heavy": heavy}
 
 
 @pytest.mark.parametrize("fmt", ["sparse", "dense"])
