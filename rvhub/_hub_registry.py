@@ -177,6 +177,38 @@ class HubRegistry(Registry):
                                      f"holds a snapshot folder {commit!r} that is not a commit id")
         return path.parent, commit
 
+    def read_card(self, ref: VectorRef) -> tuple[VectorCard, str]:
+        """At a commit (as a listing gives it): one bounded GET of ``rvhub.json``, read in memory and not cached,
+        instead of ``hf_hub_download``'s HEAD, GET and cache writes. A redirect (a renamed repo), offline mode or
+        a branch name take the :meth:`fetch_card` way."""
+        from huggingface_hub import get_session, hf_hub_url
+        from huggingface_hub.utils._headers import build_hf_headers
+        from huggingface_hub.utils._http import hf_raise_for_status
+
+        commit = ref.revision
+        if commit is None or not guard.SHA1.fullmatch(commit) or constants.HF_HUB_OFFLINE:
+            return super().read_card(ref)
+        url = hf_hub_url(ref.repo_id, CARD_FILE, revision=commit, endpoint=self.endpoint)
+        headers = {**build_hf_headers(token=self._token), "Accept-Encoding": "identity"}
+        with self._errors(ref.repo_id, commit, "read"), guard.bounded(ref.repo_id, CARD_FILE, guard.MAX_CARD_BYTES):
+            response = get_session().get(url, headers=headers, follow_redirects=False,
+                                         timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT)
+            if response.is_redirect:
+                return super().read_card(ref)
+            try:
+                hf_raise_for_status(response)
+            except EntryNotFoundError as e:
+                raise VectorFormatError(str(ref), f"the repo has no {CARD_FILE}: it is not an rvhub vector") from e
+            served = response.headers.get("X-Repo-Commit")
+            if served is not None and served != commit:
+                raise HostileServerError(ref.repo_id, self.description,
+                                         f"sent {CARD_FILE} of commit {served[:12]} for commit {commit[:12]}")
+            try:
+                text = response.content.decode("utf-8")
+            except ValueError as e:
+                raise VectorFormatError(str(ref), f"cannot read {CARD_FILE}: {e}") from e
+        return VectorCard.from_json(text, f"{ref.repo_id}@{commit[:12]}"), commit
+
     def fetch(self, repo_id: str, commit: str, names: list[str], progress: bool) -> Path:
         """Each file, one at a time, capped at the size the card of ``commit`` (already fetched) declares."""
         if not guard.SHA1.fullmatch(commit):

@@ -314,10 +314,39 @@ def require_compatible(report: CompatReport) -> None:
             logger.info("%s: %s", c.name, c.summary)  # `rvhub check` shows warnings; apply goes on
 
 
+class TargetFacts:
+    """What the checks read from one target, read once: checking many cards against the same target (a search)
+    reads its tokenizer files and the sampled weight spans once, not once per card."""
+
+    def __init__(self, target: ModelSource) -> None:
+        self.target = target
+        self._tokenizer: tuple[TokenizerFingerprint | None] | None = None
+        self._spans: dict[tuple[str, int, int], np.ndarray] = {}
+
+    def tokenizer(self) -> TokenizerFingerprint | None:
+        if self._tokenizer is None:
+            self._tokenizer = (tokenizer_fingerprint(self.target.root),)
+        return self._tokenizer[0]
+
+    def span(self, name: str, start: int, count: int) -> np.ndarray:
+        """Elements ``start … start+count`` of tensor ``name``, in float64 (read-only: shared by the callers)."""
+        key = (name, start, count)
+        got = self._spans.get(key)
+        if got is None:
+            info = self.target.tensors[name]
+            got = to_work(self.target.read_span_np(name, start, count), info.dtype).astype(np.float64)
+            got.setflags(write=False)
+            self._spans[key] = got
+        return got
+
+
 def check_model(
-    card: VectorCard, target: ModelSource, vector: str = "the vector", *, allow_vocab_mismatch: bool = False
+    card: VectorCard, target: ModelSource, vector: str = "the vector", *, allow_vocab_mismatch: bool = False,
+    facts: TargetFacts | None = None,
 ) -> CompatReport:
-    """Compare an opened target model with a vector's card."""
+    """Compare an opened target model with a vector's card (``facts``: what was read of ``target`` already)."""
+    if facts is None or facts.target is not target:
+        facts = TargetFacts(target)
     fp = card.fingerprints
     checks = [_check_architecture(card, target, allow_vocab_mismatch)]
     if fp is None:
@@ -325,8 +354,8 @@ def check_model(
             checks.append(Check(name, "warn", "the card has no fingerprints (written before rvhub recorded them)"))
     else:
         checks.append(_check_config(fp.config, config_values(target.config)))
-        checks.append(_check_tokenizer(fp.tokenizer, tokenizer_fingerprint(target.root)))
-        checks.append(_check_lineage(fp.lineage, target))
+        checks.append(_check_tokenizer(fp.tokenizer, facts.tokenizer()))
+        checks.append(_check_lineage(fp.lineage, facts))
     return CompatReport(vector=vector, target=str(target.ref), checks=checks)
 
 
@@ -423,7 +452,8 @@ def _check_tokenizer(recorded: TokenizerFingerprint | None, target: TokenizerFin
                  details)
 
 
-def _check_lineage(sketch: LineageSketch, target: ModelSource) -> Check:
+def _check_lineage(sketch: LineageSketch, facts: TargetFacts) -> Check:
+    target = facts.target
     per_tensor: dict[str, float | None] = {}
     skipped: dict[str, str] = {}
     identical = True
@@ -433,8 +463,7 @@ def _check_lineage(sketch: LineageSketch, target: ModelSource) -> Check:
             skipped[t.name] = "missing in the target" if info is None else f"shape {list(info.shape)}"
             continue
         x = sketch_values(t)
-        y = np.concatenate([to_work(target.read_span_np(t.name, a, n), info.dtype).astype(np.float64)
-                            for a, n in t.spans])
+        y = np.concatenate([facts.span(t.name, a, n) for a, n in t.spans])
         identical = identical and bool(np.array_equal(x.astype(np.float32), y.astype(np.float32)))
         per_tensor[t.name] = _pearson(x, y)
     rs = [r for r in per_tensor.values() if r is not None]

@@ -29,6 +29,7 @@ from .errors import DownloadIntegrityError, IntegrityError, InvalidOptionError, 
 
 if TYPE_CHECKING:
     from .apply import ApplyResult
+    from .compat import TargetFacts
     from .sources import ModelSource
 
 logger = logging.getLogger(__name__)
@@ -238,6 +239,12 @@ class Registry(ABC):
     @abstractmethod
     def fetch_card(self, ref: VectorRef) -> tuple[Path, str]:
         """The folder holding the repo's ``rvhub.json`` at ``ref``, and the commit it resolved to."""
+
+    def read_card(self, ref: VectorRef) -> tuple[VectorCard, str]:
+        """The card of ``ref`` and the commit it resolved to, for reading only (a search): registries that can
+        read it in one request without caching it override this."""
+        card_dir, commit = self.fetch_card(ref)
+        return VectorCard.read(card_dir), commit
 
     @abstractmethod
     def fetch(self, repo_id: str, commit: str, names: list[str], progress: bool) -> Path:
@@ -450,9 +457,10 @@ def search(
         found, bad = _listed(reg.list_vectors(query, [VECTOR_TAG], limit, sort), reg.description)
         return SearchResult(reg.description, query, None, found, bad)
     from ._readme import SHAPE_TAG_PREFIX, shape_tag
-    from .compat import open_target, shape_hash
+    from .compat import TargetFacts, open_target, shape_hash
 
     target = open_target(base)
+    facts = TargetFacts(target)  # its tokenizer and sampled weights, read once for all the cards
     tag = shape_tag(shape_hash(target))
     found, bad = _listed(reg.list_vectors(query, [VECTOR_TAG, tag], limit, sort), reg.description)
     untagged_read: int | None = None
@@ -479,7 +487,7 @@ def search(
             rejected.append(replace(hit, fit=Fit(False, read)))
             continue
         card, commit = read
-        fit = fit_to_base(card, target)  # the real check: a listing (or a tag) may lie
+        fit = fit_to_base(card, target, facts)  # the real check: a listing (or a tag) may lie
         (hits if fit.fits else rejected).append(replace(hit, commit=commit, card=card, fit=fit))
     return SearchResult(reg.description, query, base, hits[:limit], rejected, shape_tag=tag,
                         untagged_read=untagged_read, other_shapes_skipped=other_shapes)
@@ -487,13 +495,12 @@ def search(
 
 def _read_cards(reg: Registry, hits: list[SearchHit]) -> list[tuple[VectorCard, str] | str]:
     """Each hit's card and the commit it resolved to (or why it cannot be read), :data:`CARD_READERS` at a
-    time: on the Hub a card costs two round trips, and the matches' cards do not depend on each other."""
+    time: on the Hub each card is a round trip, and the matches' cards do not depend on each other."""
     from concurrent.futures import ThreadPoolExecutor
 
     def read(hit: SearchHit) -> tuple[VectorCard, str] | str:
         try:
-            card_dir, commit = reg.fetch_card(VectorRef(hit.repo_id, hit.commit))
-            return VectorCard.read(card_dir), commit
+            return reg.read_card(VectorRef(hit.repo_id, hit.commit))
         except (VectorFormatError, RegistryError) as e:
             return str(e)
 
@@ -526,11 +533,12 @@ def _listed(repos: list[Listed], where: str) -> tuple[list[SearchHit], list[Sear
 # ------------------------------------------------------------------ fit and description
 
 
-def fit_to_base(card: VectorCard, target: ModelSource) -> Fit:
-    """Whether the vector described by ``card`` fits ``target``: the checks of ``rvhub check``."""
+def fit_to_base(card: VectorCard, target: ModelSource, facts: TargetFacts | None = None) -> Fit:
+    """Whether the vector described by ``card`` fits ``target``: the checks of ``rvhub check`` (``facts``: what
+    was read of ``target`` for the cards checked before)."""
     from .compat import check_model
 
-    report = check_model(card, target)
+    report = check_model(card, target, facts=facts)
     failed = report.failures()
     reason = "; ".join(f"{c.name}: {c.summary}" for c in failed) if failed else "; ".join(
         f"{c.name} {c.status}" for c in report.checks

@@ -379,3 +379,40 @@ def test_a_previous_card_too_deep_to_parse_lists_no_files():
 
     assert _card_files(b'{"files": ' + b"[" * 200_000 + b"]" * 200_000 + b"}") == []  # no RecursionError
     assert _card_files(b'{"files": [{"path": "vector.safetensors"}]}') == ["vector.safetensors"]
+
+
+@pytest.mark.parametrize("mode", ["commit", "endless", "content_length", "fail"])
+def test_search_base_reads_each_card_in_one_bounded_get_and_refuses_a_lying_one(request, hub, hub_env, vector, trio,
+                                                                                 mode):
+    """search reads a match's card with one GET at the listed commit, not cached: a card of another commit, one
+    larger than a card may be, or an error is that repo's rejection, and the search goes on; the control
+    (an honest server) finds it."""
+    from rvhub.card import CARD_FILE
+
+    repo = published(request, vector, hub_env)
+    target = trio("qwen2_plain").target
+
+    def run() -> dict:
+        result = invoke("search", "--base", target, "--limit", 1000, "--json")
+        assert result.exit_code == 0, result.stderr
+        return json.loads(result.stdout)
+
+    before = len(hub.log)
+    honest = run()
+    assert repo in [h["repo_id"] for h in honest["hits"]]
+    card_requests = [(m, p) for m, p, _ in hub.log[before:] if p.endswith(f"/{CARD_FILE}") and repo in p]
+    assert card_requests == [("GET", card_requests[0][1])] and "/resolve/" in card_requests[0][1]
+    hub.hostile = {
+        "commit": Hostile(target=CARD_FILE, commit="0" * 40),
+        "endless": Hostile(target=CARD_FILE, endless=True),
+        "content_length": Hostile(target=CARD_FILE, content_length=(16 << 20) + 1),
+        "fail": Hostile(target=CARD_FILE, fail={"get": (500, {})}),
+    }[mode]
+    lied = run()
+    assert repo not in [h["repo_id"] for h in lied["hits"]]
+    reason = next(h["fit"]["reason"] for h in lied["rejected"] if h["repo_id"] == repo)
+    expected = {"commit": ["commit 000000000000"], "content_length": ["bytes for"], "fail": ["500"],
+                # the fixture's cap on endless bodies counts all the session's cards together: with several
+                # matches read at once it may close a connection before this client reached its own cap
+                "endless": ["more than", "RemoteProtocolError"]}[mode]
+    assert any(e in reason for e in expected), reason
