@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,6 +149,7 @@ class EncodedChunk:
 
 
 _WORK_NP = {"F32": np.float32, "F64": np.float64}
+_HIGH = 1 if sys.byteorder == "little" else 0  # where a float32's high half-word lies in its native bytes
 
 
 def encode_chunk(
@@ -209,9 +211,9 @@ def _encode_selected(
     if exact and finite and values_code == "BF16" and d.dtype == np.float32:
         # a finite float32 is a bf16 value exactly when the low half of its bits is zero (bf16 is the high half,
         # with the same exponent range): no rounding, no widening back, and the high halves are the stored bits
-        halves = d.view(np.uint16)  # little-endian: (low, high) per element
-        stored = halves[1::2].copy()
-        bad = np.flatnonzero(halves[0::2])
+        halves = d.view(np.uint16)  # (low, high) half-words per element on a little-endian host
+        stored = halves[_HIGH::2].copy()
+        bad = np.flatnonzero(halves[1 - _HIGH :: 2])
         if bad.size:
             fix_pos = idx[bad]
             fix_hi = d[bad]
