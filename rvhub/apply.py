@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,12 +20,14 @@ from ._io import (
     TensorSpec,
     atomic_dir,
     check_output,
+    check_stop,
     copy_file,
     dtype_code,
     parse_size,
     write_text,
 )
 from ._npdtype import convert, narrow
+from ._parallel import ordered_map, worker_threads
 from ._progress import progress_bar, tensor_done
 from ._untrusted import decoding, read_json
 from .algebra import ScalePatterns
@@ -37,6 +41,7 @@ from .errors import (
 )
 from .formats import (
     AdapterFolder,
+    RawDelta,
     VectorFolder,
     check_finite,
     check_finite_raw,
@@ -151,6 +156,7 @@ def apply(
     progress: bool = True,
     chunk_elems: int = CHUNK_ELEMS,
     scale_patterns: ScalePatterns | Iterable[str] | None = None,
+    threads: int | None = None,
 ) -> ApplyResult:
     """Write θ_base + scale·v to ``out``: float32 arithmetic, rounded once to the base's dtype (or ``dtype``).
 
@@ -158,7 +164,8 @@ def apply(
     Before anything is written, ``base`` must pass the compatibility check (:func:`rvhub.compat.check`)
     unless ``force``; what cannot be applied at all (missing tensors, shapes) is refused even then.
     ``scale_patterns`` (``REGEX=α``, see :class:`rvhub.algebra.ScalePatterns`) give α per target tensor name;
-    ``scale`` is the α of the rest.
+    ``scale`` is the α of the rest. On the CPU, ``threads`` (default ``$RVHUB_THREADS``, else every CPU) compute
+    chunks; the output does not depend on it.
     """
     t0 = time.perf_counter()
     out = Path(out)
@@ -170,6 +177,7 @@ def apply(
     shard_bytes = parse_size(max_shard_size)
     # the CPU path computes in numpy and never imports torch; a GPU one adds in torch on the device
     dev = None if device == "cpu" else resolve_device(device)
+    n_threads = worker_threads(threads)
     check_output(out, overwrite, [vector, *([Path(base)] if Path(base).exists() else [])])
     vec = open_vector(vector)
     tgt = open_model(base, hash_content=False)
@@ -188,12 +196,19 @@ def apply(
             ShardedWriter(tmp, "model", shard_bytes, {"format": "pt"}, plan, meta) as writer,
             progress_bar(total, f"apply α={scale:g}", progress, len(jobs)) as bar,
         ):
-            for job in jobs:
-                if dev is None:
-                    _apply_tensor_np(job, vec, tgt, writer, patterns.scale_for(job.name), chunk_elems)
-                else:
+            if dev is None:  # every tensor's chunks, computed on worker threads, come back here in order
+                tasks = (t for job in jobs for t in _chunk_tasks(job, vec, tgt, patterns.scale_for(job.name),
+                                                                  chunk_elems))
+                with contextlib.closing(ordered_map(tasks, n_threads)) as results:
+                    for job in jobs:
+                        w = writer.begin(job.spec)
+                        for _ in tgt.chunk_blocks(job.name, chunk_elems):
+                            w.write(next(results))
+                        tensor_done(bar, tgt.tensors[job.name].nbytes)
+            else:
+                for job in jobs:
                     _apply_tensor(job, vec, tgt, writer, patterns.scale_for(job.name), dev, chunk_elems)
-                tensor_done(bar, tgt.tensors[job.name].nbytes)
+                    tensor_done(bar, tgt.tensors[job.name].nbytes)
             names = writer.close()
         _copy_side_files(tgt, tmp, out_code)
         output_bytes = sum((tmp / n).stat().st_size for n in names)
@@ -210,39 +225,58 @@ def apply(
     )
 
 
-def _apply_tensor_np(
-    job: _Job, vec: VectorFolder | AdapterFolder, tgt: ModelSource, writer: ShardedWriter, scale: float,
-    chunk_elems: int,
-) -> None:
-    """One tensor on the CPU, in numpy: float32 (float64 for F64) arithmetic rounded once, as :func:`_apply_tensor`
+def _chunk_tasks(
+    job: _Job, vec: VectorFolder | AdapterFolder, tgt: ModelSource, scale: float, chunk_elems: int
+) -> Iterator[Callable[[], np.ndarray]]:
+    """One task per chunk of the output tensor, in order, each computing it from a fresh read of the target's
+    chunk: on the CPU, in numpy, float32 (float64 for F64) arithmetic rounded once, as :func:`_apply_tensor`
     computes it in torch, bit for bit."""
-    w = writer.begin(job.spec)
+    info = tgt.tensors[job.name]
+    blocks = tgt.chunk_blocks(job.name, chunk_elems)
+    if job.source is None:
+        for block in blocks:
+            yield functools.partial(_copy_block, job, tgt, block)
+        return
+    work = work_code(info.dtype, vec.entries[job.source].source_dtype, job.spec.dtype)
+    rows = info.shape[0] if info.shape else 1
+    where = str(vec.folder)
+    with decoding(where, job.source):
+        deltas = vec.delta_tasks_np(job.source, rows, chunk_elems, scale, work)
+        for block, delta in zip(blocks, deltas, strict=True):
+            yield functools.partial(_apply_block, job, tgt, block, delta, work, where)
+
+
+def _copy_block(job: _Job, tgt: ModelSource, block: tuple[int, int] | None) -> np.ndarray:
+    check_stop()
+    info = tgt.tensors[job.name]
+    with np.errstate(over="ignore"):  # an overflow to ±inf is reported just below
+        c = convert(tgt.read_block_np(job.name, block), info.dtype, job.spec.dtype)
+    if info.is_float:  # a model with NaN/Inf is broken whether or not the vector touched the tensor
+        check_finite_raw(job.name, c, job.spec.dtype, "target")
+    return c
+
+
+def _apply_block(
+    job: _Job, tgt: ModelSource, block: tuple[int, int] | None, delta: Callable[[], RawDelta], work: str,
+    where: str,
+) -> np.ndarray:
+    check_stop()
     info = tgt.tensors[job.name]
     out_code = job.spec.dtype
-    chunks = tgt.iter_chunks_np(job.name, chunk_elems)
-    if job.source is None:
-        for c in chunks:
+    assert job.source is not None
+    with decoding(where, job.source):
+        # c is a fresh array (read, never mapped): widening may return it, and adding in place is safe
+        c = tgt.read_block_np(job.name, block)
+        d = delta()
+        if d.index is not None and out_code == info.dtype:  # sparse: only the changed elements are computed
+            res = d.apply_raw(c, info.dtype, work)
+        else:
+            acc = convert(c, info.dtype, work)
+            d.add_to(acc)
             with np.errstate(over="ignore"):  # an overflow to ±inf is reported just below
-                c = convert(c, info.dtype, out_code)
-            if info.is_float:  # a model with NaN/Inf is broken whether or not the vector touched the tensor
-                check_finite_raw(job.name, c, out_code, "target")
-            w.write(c)
-        return
-    work = work_code(info.dtype, vec.entries[job.source].source_dtype, out_code)
-    rows = info.shape[0] if info.shape else 1
-    deltas = vec.delta_chunks_np(job.source, rows, chunk_elems, scale, work)
-    with decoding(str(vec.folder), job.source):
-        for c, d in zip(chunks, deltas, strict=True):
-            # c is a fresh array (read, never mapped): widening may return it, and adding in place is safe
-            if d.index is not None and out_code == info.dtype:  # sparse: only the changed elements are computed
-                res = d.apply_raw(c, info.dtype, work)
-            else:
-                acc = convert(c, info.dtype, work)
-                d.add_to(acc)
-                with np.errstate(over="ignore"):  # an overflow to ±inf is reported just below
-                    res = narrow(acc, out_code)
-            check_finite_raw(job.name, res, out_code, "target or vector, after applying")
-            w.write(res)
+                res = narrow(acc, out_code)
+        check_finite_raw(job.name, res, out_code, "target or vector, after applying")
+    return res
 
 
 def _apply_tensor(

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -16,14 +17,16 @@ from ._io import (
     ShardedWriter,
     atomic_dir,
     check_output,
+    check_stop,
     dtype_code,
     parse_size,
 )
+from ._parallel import ordered_map, worker_threads
 from ._progress import progress_bar, tensor_done
 from .card import ModelRef, TensorEntry, VectorCard, file_entry
 from .compat import fingerprints
 from .errors import InvalidOptionError, MissingTensorError, ShapeMismatchError, UnsupportedTensorError
-from .formats import VECTOR_STEM, TensorEncoder, encode_chunk, header_bound
+from .formats import VECTOR_STEM, RawChunk, TensorEncoder, encode_chunk, header_bound
 from .sources import CHUNK_ELEMS, ModelSource, TensorInfo, open_model
 
 logger = logging.getLogger(__name__)
@@ -111,11 +114,13 @@ def extract(
     overwrite: bool = False,
     progress: bool = True,
     chunk_elems: int = CHUNK_ELEMS,
+    threads: int | None = None,
 ) -> ExtractResult:
     """Compute v = θ_to − θ_from and write it to the vector folder ``out``.
 
     ``format="sparse"`` (default) stores a bitmask of changed elements and their deltas, exactly;
     ``"dense"`` stores full deltas in float32 (exact) or ``dtype`` (e.g. bfloat16, lossy).
+    ``threads`` (default ``$RVHUB_THREADS``, else every CPU) read and encode chunks; the files do not depend on it.
     """
     t0 = time.perf_counter()
     out = Path(out)
@@ -128,6 +133,7 @@ def extract(
         )
     dense_code = dtype_code(dtype) if dtype else "F32"
     shard_bytes = parse_size(max_shard_size)
+    n_threads = worker_threads(threads)
     inputs = [Path(p) for p in (from_model, to_model) if Path(p).exists()]
     check_output(out, overwrite, inputs)
 
@@ -149,13 +155,17 @@ def extract(
             ShardedWriter(tmp, VECTOR_STEM, shard_bytes, meta, header_reserve=reserve) as writer,
             progress_bar(total_bytes, f"extract {format}", progress, len(pairs)) as bar,
         ):
-            for p in pairs:
-                entry = _extract_tensor(p, src_from, src_to, writer, sparse, dense_code, chunk_elems)
-                if entry is not None:  # dense vectors keep unchanged tensors (as zeros) too
-                    entries.append(entry)
-                if entry is None or entry.changed == 0:
-                    unchanged.append(p.name)
-                tensor_done(bar, p.src.nbytes + p.dst.nbytes)
+            plans = [_plan_tensor(p, src_from, src_to, sparse, dense_code, chunk_elems) for p in pairs]
+            # every tensor's chunks, read and encoded on worker threads, come back here in order
+            tasks = (task for plan in plans for task in plan.tasks)
+            with contextlib.closing(ordered_map(tasks, n_threads)) as results:
+                for plan in plans:
+                    entry = plan.write(writer, results)
+                    if entry is not None:  # dense vectors keep unchanged tensors (as zeros) too
+                        entries.append(entry)
+                    if entry is None or entry.changed == 0:
+                        unchanged.append(plan.pair.name)
+                    tensor_done(bar, plan.pair.src.nbytes + plan.pair.dst.nbytes)
             names = writer.close()
         files = [file_entry(tmp, n) for n in names]
         prints = fingerprints(src_from, [(e.name, e.shape) for e in entries])
@@ -220,28 +230,58 @@ def _pinned(src: ModelSource) -> ModelRef:
     return src.ref
 
 
-def _extract_tensor(
-    p: _Pair,
-    src_from: ModelSource,
-    src_to: ModelSource,
-    writer: ShardedWriter,
-    sparse: bool,
-    dense_code: str,
-    chunk_elems: int,
-) -> TensorEntry | None:
+@dataclass(frozen=True)
+class _TensorPlan:
+    """One tensor's chunk tasks (each reads its block of both models and encodes it), and how to write them."""
+
+    pair: _Pair
+    values_code: str
+    sparse: bool
+    tasks: list[Callable[[], RawChunk | None]]
+
+    def write(self, writer: ShardedWriter, results: Iterator[RawChunk | None]) -> TensorEntry | None:
+        """Take this tensor's encoded chunks from ``results`` (in order) and write them; its card entry."""
+        p = self.pair
+        if not p.dst.is_float:
+            next(results)  # integer buffers: checked equal by the task, no delta
+            return None
+        enc = TensorEncoder(writer, p.name, p.dst.shape, p.dst.dtype, self.values_code, self.sparse)
+        for _ in self.tasks:
+            chunk = next(results)
+            assert chunk is not None
+            enc.add(chunk)
+        return enc.finish()
+
+
+def _plan_tensor(
+    p: _Pair, src_from: ModelSource, src_to: ModelSource, sparse: bool, dense_code: str, chunk_elems: int
+) -> _TensorPlan:
     if not p.dst.is_float:  # integer buffers must be equal; they carry no delta
-        a, b = src_from.read_np(p.src.name), src_to.read_np(p.dst.name)
-        if not np.array_equal(a, b):
-            raise UnsupportedTensorError(p.name, p.dst.dtype)
-        return None
+        return _TensorPlan(p, p.dst.dtype, sparse, [functools.partial(_check_equal, p, src_from, src_to)])
     if sparse:  # each tensor's own dtype; float32 when the two models store it differently
         values_code = p.dst.dtype if p.src.dtype == p.dst.dtype else "F32"
     else:
         values_code = dense_code
     exact = _exact(p, sparse, dense_code)
-    enc = TensorEncoder(writer, p.name, p.dst.shape, p.dst.dtype, values_code, sparse)
-    chunks_f = src_from.iter_chunks_np(p.src.name, chunk_elems)
-    chunks_t = src_to.iter_chunks_np(p.dst.name, chunk_elems)
-    for cf, ct in zip(chunks_f, chunks_t, strict=True):
-        enc.add(encode_chunk(p.name, cf, p.src.dtype, ct, p.dst.dtype, values_code, sparse, exact))
-    return enc.finish()
+    blocks = src_from.chunk_blocks(p.src.name, chunk_elems)  # the same in both models: the shapes are equal
+    tasks: list[Callable[[], RawChunk | None]] = [
+        functools.partial(_encode_block, p, src_from, src_to, block, values_code, sparse, exact) for block in blocks
+    ]
+    return _TensorPlan(p, values_code, sparse, tasks)
+
+
+def _check_equal(p: _Pair, src_from: ModelSource, src_to: ModelSource) -> None:
+    a, b = src_from.read_np(p.src.name), src_to.read_np(p.dst.name)
+    if not np.array_equal(a, b):
+        raise UnsupportedTensorError(p.name, p.dst.dtype)
+
+
+def _encode_block(
+    p: _Pair, src_from: ModelSource, src_to: ModelSource, block: tuple[int, int] | None, values_code: str,
+    sparse: bool, exact: bool,
+) -> RawChunk:
+    check_stop()
+    cf = src_from.read_block_np(p.src.name, block)
+    ct = src_to.read_block_np(p.dst.name, block)
+    enc = encode_chunk(p.name, cf, p.src.dtype, ct, p.dst.dtype, values_code, sparse, exact)
+    return enc.pack() if sparse else enc

@@ -22,9 +22,11 @@ Sparse vectors omit tensors equal in both models; both formats list them in the 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
-from collections.abc import Iterator, Mapping
+import sys
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -122,6 +124,13 @@ class RawChunk:
     values: np.ndarray  # raw values of the stored dtype: changed elements (sparse) or every element (dense)
     fix_pos: np.ndarray  # int64, sorted
     fix_hi: np.ndarray  # float32/64: the exact difference of those elements
+    packed: np.ndarray | None = None  # ``pack_bits(changed)``, when already computed (on a worker thread)
+
+    def pack(self) -> RawChunk:
+        """This chunk with its bitmask packed (the costly part of :meth:`TensorEncoder.add`, done ahead)."""
+        if self.packed is None:
+            self.packed = pack_bits(self.changed)
+        return self
 
 
 @dataclass
@@ -140,6 +149,7 @@ class EncodedChunk:
 
 
 _WORK_NP = {"F32": np.float32, "F64": np.float64}
+_HIGH = 1 if sys.byteorder == "little" else 0  # where a float32's high half-word lies in its native bytes
 
 
 def encode_chunk(
@@ -162,7 +172,7 @@ def encode_chunk(
     with np.errstate(over="ignore"):  # an overflow is reported just below, by name
         d = to_work(t_raw.take(idx), t_code).astype(work, copy=False) - to_work(f_raw.take(idx), f_code).astype(work)
     check_finite_raw(name, d, work_code(f_code, t_code), "the difference overflows")
-    return _encode_selected(changed, idx, d, values_code, sparse, exact)
+    return _encode_selected(changed, idx, d, values_code, sparse, exact, finite=True)
 
 
 def encode_delta(
@@ -191,13 +201,26 @@ def encode_delta(
 
 
 def _encode_selected(
-    changed: np.ndarray, idx: np.ndarray, d: np.ndarray, values_code: str, sparse: bool, exact: bool
+    changed: np.ndarray, idx: np.ndarray, d: np.ndarray, values_code: str, sparse: bool, exact: bool,
+    finite: bool = False,
 ) -> RawChunk:
-    """The encoding of a chunk whose elements ``idx`` (flagged in ``changed``) have exact deltas ``d``."""
-    with np.errstate(over="ignore"):  # a value the dtype cannot hold becomes a fix-up
-        stored = narrow(d, values_code)  # d itself when the codes agree: then nothing below changes it
+    """The encoding of a chunk whose elements ``idx`` (flagged in ``changed``) have exact deltas ``d``
+    (``finite``: the caller checked that every one is)."""
     fix_pos = np.empty(0, dtype=np.int64)
     fix_hi = np.empty(0, dtype=d.dtype)
+    if exact and finite and values_code == "BF16" and d.dtype == np.float32:
+        # a finite float32 is a bf16 value exactly when the low half of its bits is zero (bf16 is the high half,
+        # with the same exponent range): no rounding, no widening back, and the high halves are the stored bits
+        halves = d.view(np.uint16)  # (low, high) half-words per element on a little-endian host
+        stored = halves[_HIGH::2].copy()
+        bad = np.flatnonzero(halves[1 - _HIGH :: 2])
+        if bad.size:
+            fix_pos = idx[bad]
+            fix_hi = d[bad]
+            stored[bad] = 0  # never read (the fix-up replaces it)
+        return _finish_selected(changed, idx, d, stored, fix_pos, fix_hi, sparse)
+    with np.errstate(over="ignore"):  # a value the dtype cannot hold becomes a fix-up
+        stored = narrow(d, values_code)  # d itself when the codes agree: then nothing below changes it
     if exact and values_code != ("F64" if d.dtype == np.float64 else "F32"):
         # ``!=`` is bitwise for finite values but for ±0, whose sign a difference cannot carry anyway
         bad = np.flatnonzero(to_work(stored, values_code) != d)
@@ -205,6 +228,13 @@ def _encode_selected(
             fix_pos = idx[bad]
             fix_hi = d[bad]
             stored[bad] = 0  # never read (the fix-up replaces it); keeps an overflowed ±inf out of the file
+    return _finish_selected(changed, idx, d, stored, fix_pos, fix_hi, sparse)
+
+
+def _finish_selected(
+    changed: np.ndarray, idx: np.ndarray, d: np.ndarray, stored: np.ndarray, fix_pos: np.ndarray,
+    fix_hi: np.ndarray, sparse: bool,
+) -> RawChunk:
     if sparse:
         values = stored
     else:
@@ -240,7 +270,7 @@ class TensorEncoder:
             enc = enc.raw()
         self._changed += enc.n_changed
         if self.sparse:
-            self._masks.append(pack_bits(enc.changed))
+            self._masks.append(enc.packed if enc.packed is not None else pack_bits(enc.changed))
             self._values.append(enc.values)
         else:
             if self._dense is None:
@@ -304,12 +334,15 @@ class RawDelta:
     """A chunk of α·v in the work dtype, as numpy arrays, ready to add: ``out[index] += values`` (or
     ``out[:values.size] += values`` when ``index`` is None, dense), then ``out[fix_pos] += fix_lo``: a sparse
     vector's fix-ups (α·d, whose stored value is 0), or an old vector's α·lo parts. Positions are relative to
-    the chunk start, sorted and unique; a sparse chunk's fix-up positions are among its ``index``."""
+    the chunk start, sorted and unique; a sparse chunk's fix-up positions are among its ``index``.
+    ``fix_on_zero``: the values at the fix-up positions are (α times) a stored 0, as in every sparse vector
+    written since fix-ups hold the whole difference."""
 
     index: np.ndarray | None
     values: np.ndarray
     fix_pos: np.ndarray
     fix_lo: np.ndarray
+    fix_on_zero: bool = False
 
     def add_to(self, acc: np.ndarray) -> None:
         """acc += this chunk, one rounding (in acc's dtype) per term. An overflow is the caller's to report
@@ -329,12 +362,19 @@ class RawDelta:
         assert self.index is not None
         if not self.values.size:
             return raw
-        sub = to_work(raw.take(self.index), code).astype(_WORK_NP[work], copy=False)
+        wt = _WORK_NP[work]
+        sub = to_work(raw.take(self.index), code).astype(wt, copy=False)
         with np.errstate(over="ignore", invalid="ignore"):
             sub += self.values
-            if self.fix_lo.size:
+            if self.fix_lo.size and not self.fix_on_zero:
                 _add_at(sub, np.searchsorted(self.index, self.fix_pos), self.fix_lo)
             np.put(raw, self.index, narrow(sub, code), mode="clip")
+            if self.fix_lo.size and self.fix_on_zero:
+                # there t + (±0) was exact, so the element just written holds t (or +0 for −0, which adds the
+                # same): adding the fix-up to it rounds once, as adding it to ``sub`` would, without a search
+                fixed = to_work(raw.take(self.fix_pos), code).astype(wt, copy=False)
+                fixed += self.fix_lo
+                np.put(raw, self.fix_pos, narrow(fixed, code), mode="clip")
         return raw
 
     def torch(self) -> DeltaChunk:
@@ -509,60 +549,83 @@ class VectorFolder:
 
         Blocks are those of :func:`row_blocks` for the target's shape, so they line up with its chunks.
         """
+        for task in self.delta_tasks_np(name, rows, chunk_elems, scale, work):
+            yield task()
+
+    def delta_tasks_np(
+        self, name: str, rows: int, chunk_elems: int, scale: float, work: str
+    ) -> Iterator[Callable[[], RawDelta]]:
+        """:meth:`delta_chunks_np` as one task per block, to run on any thread (in any order): this generator
+        does the sequential part (where each block's values start, the mask's checks), the tasks the decoding."""
         entry = self.entries[name]
-        wt = _WORK_NP[work]
         vrows = entry.shape[0] if entry.shape else 1
         row_elems = math.prod(entry.shape[1:])
-        fix_idx, fix_hi, fix_lo = self._fixups(name, work)
+        fix = self._fixups(name, work)
         shape = (rows, *entry.shape[1:]) if entry.shape else ()
         # one block for a scalar or an empty tensor, as ModelSource.iter_chunks yields one chunk for them
         blocks = (row_blocks(shape, chunk_elems) if entry.shape else []) or [(0, rows if entry.shape else 1)]
-        key = name + (MASK if self.sparse else "")
         numel = math.prod(entry.shape)
         offset = 0
         for a, b in blocks:
             end = min(b, vrows)
             lo, hi = a * row_elems, max(end, a) * row_elems
-            m = hi - lo
-            index: np.ndarray | None = None
-            if m <= 0:
-                values = np.empty(0, dtype=wt)
-            elif self.sparse:
-                packed = self._get(key, (lo // 8, (hi + 7) // 8))
+            packed: np.ndarray | None = None
+            k = 0
+            if hi > lo and self.sparse:
+                packed = self._get(name + MASK, (lo // 8, (hi + 7) // 8))
                 if hi == numel:
                     check_mask_padding(str(self.folder), name, packed, numel)
-                bits = unpack_bits(packed, m)
-                index = np.flatnonzero(bits)
-                k = int(index.size)
+                # every block but a tensor's last starts and ends on a byte (row_blocks); the last one's
+                # padding bits were just checked to be zero: the packed bytes' bits are the block's
+                k = int(np.bitwise_count(packed).sum())
                 if offset + k > entry.changed:
                     check_mask_count(str(self.folder), name, offset + k, entry.changed)
-                values = self._work(name + VALUES, (offset, offset + k), work)
-                offset += k
-            else:
-                values = self._work(key, (a, end) if entry.shape else None, work).reshape(-1)
-            pos = np.empty(0, dtype=np.int64)
-            flo = np.empty(0, dtype=wt)
-            if fix_idx.size and m > 0:
-                i0, i1 = (int(x) for x in np.searchsorted(fix_idx, [lo, hi]))
-                if i1 > i0:
-                    pos = fix_idx[i0:i1] - lo
-                    if index is None:  # dense: the exact difference replaces the stored value
-                        values[pos] = fix_hi[i0:i1]
-                    elif fix_lo.size:  # an old vector: hi replaces the rounded stored value, lo comes after
-                        values[check_fix_on_changed(str(self.folder), name, index, pos)] = fix_hi[i0:i1]
-                        flo = fix_lo[i0:i1]
-                    else:  # the stored value is 0 here: the difference is added after it, without a search
-                        check_fix_on_mask(str(self.folder), name, bits, pos)
-                        flo = fix_hi[i0:i1].copy()
-            if scale != 1.0:
-                s = wt(scale)
-                with np.errstate(over="ignore"):  # the caller checks the sum it is added to
-                    values *= s
-                    if flo.size:
-                        flo = flo * s
-            yield RawDelta(index, values, pos, flo)
+            yield functools.partial(self._decode_block, name, a, end, lo, hi, packed, offset, k, fix, scale, work)
+            offset += k
         if self.sparse and rows >= vrows:  # every block of the vector was read
             check_mask_count(str(self.folder), name, offset, entry.changed)
+
+    def _decode_block(
+        self, name: str, a: int, end: int, lo: int, hi: int, packed: np.ndarray | None, offset: int, k: int,
+        fix: tuple[np.ndarray, np.ndarray, np.ndarray], scale: float, work: str,
+    ) -> RawDelta:
+        """α·v of elements [lo, hi) of ``name`` (rows [a, end)); a sparse block's ``k`` values start at ``offset``."""
+        entry = self.entries[name]
+        wt = _WORK_NP[work]
+        fix_idx, fix_hi, fix_lo = fix
+        m = hi - lo
+        index: np.ndarray | None = None
+        on_zero = False
+        if m <= 0:
+            values = np.empty(0, dtype=wt)
+        elif packed is not None:
+            bits = unpack_bits(packed, m)
+            index = np.flatnonzero(bits)
+            values = self._work(name + VALUES, (offset, offset + k), work)
+        else:
+            values = self._work(name, (a, end) if entry.shape else None, work).reshape(-1)
+        pos = np.empty(0, dtype=np.int64)
+        flo = np.empty(0, dtype=wt)
+        if fix_idx.size and m > 0:
+            i0, i1 = (int(x) for x in np.searchsorted(fix_idx, [lo, hi]))
+            if i1 > i0:
+                pos = fix_idx[i0:i1] - lo
+                if index is None:  # dense: the exact difference replaces the stored value
+                    values[pos] = fix_hi[i0:i1]
+                elif fix_lo.size:  # an old vector: hi replaces the rounded stored value, lo comes after
+                    values[check_fix_on_changed(str(self.folder), name, index, pos)] = fix_hi[i0:i1]
+                    flo = fix_lo[i0:i1]
+                else:  # the stored value is 0 here: the difference is added after it, without a search
+                    check_fix_on_mask(str(self.folder), name, bits, pos)
+                    flo = fix_hi[i0:i1].copy()
+                    on_zero = True
+        if scale != 1.0:
+            s = wt(scale)
+            with np.errstate(over="ignore"):  # the caller checks the sum it is added to
+                values *= s
+                if flo.size:
+                    flo = flo * s
+        return RawDelta(index, values, pos, flo, on_zero)
 
 
 class AdapterFolder:
@@ -676,6 +739,20 @@ class AdapterFolder:
 
         for c in self.delta_chunks(name, rows, chunk_elems, scale, ST_TO_TORCH[work]):
             yield RawDelta(None, c.values.numpy(), c.fix_pos.numpy(), c.fix_lo.numpy())
+
+    def delta_tasks_np(
+        self, name: str, rows: int, chunk_elems: int, scale: float, work: str
+    ) -> Iterator[Callable[[], RawDelta]]:
+        """As :meth:`VectorFolder.delta_tasks_np`; a LoRA module's products are formed here, in order."""
+        if name not in self._modules:
+            yield from self._residual.delta_tasks_np(name, rows, chunk_elems, scale, work)
+            return
+        for chunk in self.delta_chunks_np(name, rows, chunk_elems, scale, work):
+            yield functools.partial(_ready, chunk)
+
+
+def _ready(chunk: RawDelta) -> RawDelta:
+    return chunk
 
 
 def adapter_base(card: VectorCard) -> str | None:

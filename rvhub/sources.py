@@ -92,11 +92,15 @@ class Reader:
 
     def __init__(self) -> None:
         self._files: dict[Path, _StFile] = {}
+        self._lock = threading.Lock()  # worker threads read chunks of one file at once (pread is safe)
 
     def file(self, path: Path) -> _StFile:
         f = self._files.get(path)
         if f is None:
-            f = self._files[path] = _StFile(path)
+            with self._lock:
+                f = self._files.get(path)
+                if f is None:
+                    f = self._files[path] = _StFile(path)
         return f
 
     def read_np(self, path: Path, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
@@ -211,17 +215,23 @@ class ModelSource:
         Chunk boundaries fall on row boundaries and on multiples of 8 elements (so bitmasks pack per chunk),
         except at the end. The same ``chunk_elems`` gives the same boundaries for equal shapes.
         """
+        for block in self.chunk_blocks(name, chunk_elems):
+            check_stop()
+            yield self.read_block_np(name, block)
+
+    def chunk_blocks(self, name: str, chunk_elems: int = CHUNK_ELEMS) -> list[tuple[int, int] | None]:
+        """The row blocks :meth:`iter_chunks_np` reads, in order (``None``: the whole tensor, one chunk)."""
         info = self.tensors[name]
         # the blocks must be exactly those of row_blocks (apply zips them with the vector's): a tensor of
         # at most chunk_elems elements can still span several blocks when its row is not a multiple of 8
         blocks = row_blocks(info.shape, chunk_elems) if info.shape and info.numel else []
-        if len(blocks) <= 1:
-            check_stop()
-            yield self._reader.read_np(info.file, name).reshape(-1)
-            return
-        for block in blocks:
-            check_stop()
-            yield self._reader.read_np(info.file, name, block).reshape(-1)
+        return list(blocks) if len(blocks) > 1 else [None]
+
+    def read_block_np(self, name: str, block: tuple[int, int] | None) -> np.ndarray:
+        """One chunk of :meth:`iter_chunks_np` (a block of :meth:`chunk_blocks`), flat, in a fresh array;
+        safe to call from several threads at once."""
+        info = self.tensors[name]
+        return self._reader.read_np(info.file, name, block).reshape(-1)
 
     def iter_chunks(self, name: str, chunk_elems: int = CHUNK_ELEMS) -> Iterator[torch.Tensor]:
         """:meth:`iter_chunks_np` as torch tensors."""
@@ -545,6 +555,9 @@ class RemoteModel(ModelSource):
         return self.read_span_np(name, 0, info.numel).reshape(info.shape)
 
     def iter_chunks_np(self, name: str, chunk_elems: int = CHUNK_ELEMS) -> Iterator[np.ndarray]:
+        raise NotImplementedError("a RemoteModel is read by span only; open_model downloads the weights")
+
+    def read_block_np(self, name: str, block: tuple[int, int] | None) -> np.ndarray:
         raise NotImplementedError("a RemoteModel is read by span only; open_model downloads the weights")
 
     def read_span_np(self, name: str, start: int, length: int) -> np.ndarray:
