@@ -306,7 +306,7 @@ def combine(
 ) -> CombineResult:
     """Combine vectors (folders or registry repo ids) into the sparse vector folder ``out``; see the module
     docstring for each method's exact definition. α (``scale``, ``scale_patterns``) multiplies the result."""
-    from ._combine_sum import sum_tensor
+    from ._combine_sum import sum_tensors
     from ._io import atomic_dir, check_output, parse_size
     from ._progress import progress_bar, tensor_done
     from .card import CombineInput, Provenance, ScalePatternEntry, VectorCard, file_entry
@@ -327,20 +327,19 @@ def combine(
     all_names = sorted(_names(inputs[0].card))
     in_bytes = {n: 4 * sum(_numel(i.folder.entries[n].shape) for i in inputs if n in i.folder.entries)
                 for n in names}
-    scales: dict[str, float] = {}
     entries: list[TensorEntry] = []
     # sum computes in numpy (without torch); ties and dare in torch, one thread
     with atomic_dir(out, overwrite) as tmp, contextlib.nullcontext() if method == "sum" else _one_torch_thread():
         writer = open_writer(tmp, {n: tuple(_entry(inputs, n).shape) for n in names}, shard_bytes)
         with writer, progress_bar(sum(in_bytes.values()), f"combine {method}", progress, len(names)) as bar:
-            for name in names:
-                alpha = patterns.scale_for(name)
-                scales[name] = alpha
-                if method == "sum":
-                    entry = sum_tensor(name, [i.folder for i in inputs], w, alpha, writer)
-                else:
-                    chunks = _combine_tensor(name, inputs, w, method, density, seed, alpha)
-                    entry = write_tensor(_entry(inputs, name), chunks, writer)
+            scales = {name: patterns.scale_for(name) for name in names}
+            if method == "sum":
+                results = sum_tensors(names, [i.folder for i in inputs], w, [scales[n] for n in names], writer)
+            else:
+                results = (write_tensor(_entry(inputs, name), _combine_tensor(name, inputs, w, method, density,
+                                                                              seed, scales[name]), writer)
+                           for name in names)
+            for name, entry in zip(names, results, strict=True):
                 if entry is not None:
                     entries.append(entry)
                 tensor_done(bar, in_bytes[name])
