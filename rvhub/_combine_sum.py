@@ -13,6 +13,7 @@ Tensors run on two threads (numpy, file reads and hashing release the GIL) and a
 
 from __future__ import annotations
 
+import collections
 import math
 import sys
 from collections.abc import Iterator, Sequence
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
 
 THREADS = 2
 _LITTLE = sys.byteorder == "little"
-IN_FLIGHT_ELEMS = 3 * CHUNK_ELEMS  # elements of the tensors computed ahead of the one being written (a bound)
+IN_FLIGHT_BYTES = 384 << 20  # a bound on the results held ahead of the one being written (estimated)
 
 
 def sum_tensor(
@@ -64,31 +65,38 @@ def sum_tensors(
             yield sum_tensor(name, folders, w, alpha, writer)
         return
     with ThreadPoolExecutor(threads, thread_name_prefix="rvhub-combine") as pool:
-        pending: list[tuple[Future[TensorEncoder], int]] = []
-        ahead = 0
+        pending: collections.deque[tuple[Future[TensorEncoder], int]] = collections.deque()
+        held = 0  # the estimated bytes of the pending results
         todo = iter(zip(names, alphas, strict=True))
+        item = next(todo, None)
         try:
             while True:
-                # submit while the tensors computed ahead of the next one to write stay small (the first always)
-                while not pending or ahead < IN_FLIGHT_ELEMS and len(pending) < 4 * threads:
-                    item = next(todo, None)
-                    if item is None:
+                # keep every thread busy, and more while the results held ahead of the next one to write stay
+                # under the budget: a large tensor in front (an embedding) need not leave a thread idle
+                while item is not None:
+                    cost = _result_bytes(folders, item[0])
+                    if len(pending) >= threads and held - pending[0][1] + cost > IN_FLIGHT_BYTES:
                         break
-                    n = _numel(folders, item[0])
-                    pending.append((pool.submit(_tensor, item[0], folders, w, item[1], writer), n))
-                    ahead += n
+                    pending.append((pool.submit(_tensor, item[0], folders, w, item[1], writer), cost))
+                    held += cost
+                    item = next(todo, None)
                 if not pending:
                     return
-                future, n = pending.pop(0)
-                ahead -= n
+                future, cost = pending.popleft()
+                held -= cost
                 yield future.result().finish()  # a sparse encoder touches its writer only here
         finally:
             for future, _ in pending:
                 future.cancel()
 
 
-def _numel(folders: Sequence[VectorFolder], name: str) -> int:
-    return math.prod(next(f.entries[name] for f in folders if name in f.entries).shape)
+def _result_bytes(folders: Sequence[VectorFolder], name: str) -> int:
+    """A bound on the bytes of a tensor's encoded result: its mask, and float32 values for as many elements as
+    the inputs store (fix-ups only where values are 16-bit, which halves them)."""
+    holders = [f for f in folders if name in f.entries]
+    numel = math.prod(holders[0].entries[name].shape)
+    stored = sum(f.entries[name].changed if f.sparse else numel for f in holders)
+    return numel // 8 + 4 * min(numel, stored)
 
 
 def _tensor(
@@ -159,7 +167,7 @@ def _encode_block(keep: np.ndarray, idx: np.ndarray, d: np.ndarray, values_code:
         return _encode_selected(keep, idx, d, values_code, sparse=True, exact=True)
     halves = d.view(np.uint16)  # (low, high) half of each float32
     stored = halves[1::2].copy()
-    bad = np.flatnonzero(halves[0::2])
+    bad = np.flatnonzero(halves[0::2] != 0)  # (a bool array first: nonzero is fastest on one)
     if not bad.size:
         return RawChunk(keep, int(d.size), stored, np.empty(0, dtype=np.int64), np.empty(0, dtype=d.dtype))
     stored[bad] = 0
