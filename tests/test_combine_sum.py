@@ -118,3 +118,13 @@ def test_the_bytes_do_not_depend_on_block_size_or_threads(inputs, tmp_path, monk
 
     assert run(tmp_path / "a", combine_sum.CHUNK_ELEMS, 1) == run(tmp_path / "b", TINY_CHUNK, 2) \
         == run(tmp_path / "c", 8 * TINY_CHUNK + 8, 2)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_an_overflowing_sum_is_refused_and_leaves_no_output(inputs, tmp_path, monkeypatch, threads):
+    from rvhub.errors import NonFiniteError
+
+    monkeypatch.setattr(combine_sum, "THREADS", threads)
+    with pytest.raises(NonFiniteError, match="overflows"):
+        combine([inputs["v1"], inputs["v3"]], tmp_path / "c", weights=[3e38, 1.0], scale=3e38, progress=False)
+    assert not (tmp_path / "c").exists() and list(tmp_path.iterdir()) == []
