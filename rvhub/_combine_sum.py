@@ -8,7 +8,9 @@ element, the only ones stored, is the same, bit for bit. The nonzero elements ar
 extract's sparse encoding, in the tensor's own dtype; the rare tensor whose fix-ups make the work dtype the
 smaller choice (:func:`rvhub._combine_io.values_code_from_counts`) is computed a second time in it.
 
-Tensors run on two threads (numpy, file reads and hashing release the GIL) and are written in order.
+Tensors are computed on two threads (every numpy operation used here, and file reads, release the GIL) and
+written in order, by the calling thread. The threads share the inputs' readers, which read with ``pread`` (no
+file position to race on). The output does not depend on the block size or the number of threads.
 """
 
 from __future__ import annotations
