@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import load_tensors, write_model
 from safetensors import safe_open
 
 import rvhub._combine_sum as combine_sum
@@ -44,11 +45,12 @@ def reference(vectors: list[Path], weights: list[float], alpha: float) -> dict[s
         shape = next((f.entries[name].shape for f in folders if name in f.entries), None)
         acc = None
         for f, w in zip(folders, weights, strict=True):
-            d = f.dense_np(name) if name in f.entries else np.zeros(shape or (0,), dtype=np.float32)
-            term = d * np.float32(w)
+            work = "F64" if any(g.entries[name].source_dtype == "F64" for g in folders if name in g.entries) else "F32"
+            d = f.dense_np(name, work) if name in f.entries else np.zeros(shape or (0,), dtype=np.float32)
+            term = d * d.dtype.type(w)
             acc = term if acc is None else acc + term
         assert acc is not None
-        out[name] = acc * np.float32(alpha)
+        out[name] = acc * acc.dtype.type(alpha)
     return out
 
 
@@ -62,9 +64,10 @@ def assert_is(out: Path, expected: dict[str, np.ndarray]) -> None:
         if name not in vec.entries:
             assert nonzero == 0 and name in card.unchanged, name
             continue
-        got = vec.dense_np(name)
+        got = vec.dense_np(name, "F64" if want.dtype == np.float64 else "F32")
         assert got.dtype == want.dtype and got.shape == want.shape, name
-        same = (got + np.float32(0)).view(np.uint32) == (want + np.float32(0)).view(np.uint32)
+        bits = np.dtype(f"u{want.dtype.itemsize}")
+        same = (got + want.dtype.type(0)).view(bits) == (want + want.dtype.type(0)).view(bits)
         assert same.all(), f"{name}: {int((~same).sum())} elements differ, first at {np.flatnonzero(~same)[0]}"
         assert vec.entries[name].changed == nonzero, name
 
@@ -128,3 +131,26 @@ def test_an_overflowing_sum_is_refused_and_leaves_no_output(inputs, tmp_path, mo
     with pytest.raises(NonFiniteError, match="overflows"):
         combine([inputs["v1"], inputs["v3"]], tmp_path / "c", weights=[3e38, 1.0], scale=3e38, progress=False)
     assert not (tmp_path / "c").exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_sum_of_fp16_fp32_fp64_vectors_is_the_dense_reference(trio, tmp_path, monkeypatch, dtype):
+    """The other dtypes take the general encoding (fp16 values with fix-ups; fp32 and fp64 stored as they are)."""
+    import torch
+
+    from rvhub.extract import extract
+
+    t = trio("qwen2_large")
+    conv = {role: write_model(getattr(t, role), tmp_path / role, {k: v.to(getattr(torch, dtype)) for k, v in
+                                                                 load_tensors(getattr(t, role)).items()})
+            for role in ("sft", "rl", "target")}
+    planted = plant_sparse_delta(t.sft, tmp_path / "planted", seed=3, fraction=0.3)
+    rl2 = write_model(planted, tmp_path / "rl2", {k: v.to(getattr(torch, dtype)) for k, v in
+                                                   load_tensors(planted).items()})
+    vectors = [tmp_path / "v1", tmp_path / "v2", tmp_path / "v3"]
+    for out, to, fmt in zip(vectors, (conv["rl"], rl2, conv["target"]), ("sparse", "sparse", "dense"), strict=True):
+        extract(str(conv["sft"]), str(to), out, format=fmt, progress=False)
+    monkeypatch.setattr(combine_sum, "CHUNK_ELEMS", 8 * TINY_CHUNK)
+    weights = [1.0, 0.3, -2.5]
+    combine(vectors, tmp_path / "c", weights=weights, scale=0.7, progress=False)
+    assert_is(tmp_path / "c", reference(vectors, weights, 0.7))
