@@ -18,7 +18,6 @@ if TYPE_CHECKING:
 def values_code_for(source: str, work: str, chunks: list[np.ndarray]) -> str:
     """The tensor's own dtype (a code), unless so many deltas need a fix-up (index + value, 12 bytes each) that
     storing every value in the work dtype is smaller. ``chunks``: the result's values in the work dtype."""
-    from ._io import ITEMSIZE
     from ._npdtype import narrow, to_work
 
     if source == work:
@@ -28,6 +27,16 @@ def values_code_for(source: str, work: str, chunks: list[np.ndarray]) -> str:
         changed += int(np.count_nonzero(c))
         with np.errstate(over="ignore"):
             inexact += int(np.count_nonzero(to_work(narrow(c, source), source).astype(c.dtype) != c))
+    return values_code_from_counts(source, work, changed, inexact)
+
+
+def values_code_from_counts(source: str, work: str, changed: int, inexact: int) -> str:
+    """:func:`values_code_for` from the counts: ``changed`` stored elements, ``inexact`` of them not exactly a
+    value of the ``source`` dtype (each a fix-up there)."""
+    from ._io import ITEMSIZE
+
+    if source == work:
+        return source
     src_bytes = changed * ITEMSIZE[source] + inexact * (8 + ITEMSIZE[work])
     return source if src_bytes < changed * ITEMSIZE[work] else work
 

@@ -1,23 +1,33 @@
-"""``combine --method sum`` in numpy, in the sparse domain: only the elements some input changes are computed.
+"""``combine --method sum`` in numpy: one row block at a time, in a reused block-sized work buffer.
 
-Per row block, every input's delta is decoded onto the union of the positions the inputs store, weighted and
-summed in the work dtype in input order, then multiplied by α: the same float32 (float64) operations on the
-same operands as summing the dense blocks (an element no input stores is ±0 there and is not stored), so the
-stored result is the same, bit for bit. It is written in extract's sparse encoding, with the values dtype
-chosen by :func:`rvhub._combine_io.values_code_for`.
+Per block, the buffer starts at zero; the first input's decoded delta (times its weight) is put at the
+positions it stores, every further one's is added at its positions, in input order; the block is multiplied
+by α. Those are the float32 (float64) operations of summing the dense blocks, on the same operands (an element
+an input does not store is ±0 in its dense block, and ``x + ±0 = x`` for every x ≠ 0), so every nonzero
+element, the only ones stored, is the same, bit for bit. The nonzero elements are then encoded at once in
+extract's sparse encoding, in the tensor's own dtype; the rare tensor whose fix-ups make the work dtype the
+smaller choice (:func:`rvhub._combine_io.values_code_from_counts`) is computed a second time in it.
+
+Tensors are computed on two threads (every numpy operation used here, and file reads, release the GIL) and
+written in order, by the calling thread. The threads share the inputs' readers, which read with ``pread`` (no
+file position to race on). The output does not depend on the block size or the number of threads.
 """
 
 from __future__ import annotations
 
+import collections
 import math
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ._combine_io import values_code_for
+from ._combine_io import values_code_from_counts
 from .formats import (
     _WORK_NP,
+    RawChunk,
     RawDelta,
     TensorEncoder,
     VectorFolder,
@@ -32,86 +42,156 @@ if TYPE_CHECKING:
     from ._io import ShardedWriter
     from .card import TensorEntry
 
+THREADS = 2
+_LITTLE = sys.byteorder == "little"
+IN_FLIGHT_BYTES = 384 << 20  # a bound on the results held ahead of the one being written (estimated)
+
 
 def sum_tensor(
     name: str, folders: Sequence[VectorFolder], w: Sequence[float], alpha: float, writer: ShardedWriter
 ) -> TensorEntry | None:
     """Write ``α·Σ wᵢ·vᵢ`` of tensor ``name`` (the inputs that store it, with their weights) into ``writer``;
     its card entry, or None when the result is all zero."""
+    return _tensor(name, folders, w, alpha, writer).finish()
+
+
+def sum_tensors(
+    names: Sequence[str], folders: Sequence[VectorFolder], w: Sequence[float], alphas: Sequence[float],
+    writer: ShardedWriter, threads: int | None = None,
+) -> Iterator[TensorEntry | None]:
+    """:func:`sum_tensor` of each of ``names`` (with its α), in order, computed up to ``threads`` at a time
+    while earlier ones are written; yields each card entry (None: all zero) once it is written."""
+    threads = THREADS if threads is None else threads
+    if threads <= 1:
+        for name, alpha in zip(names, alphas, strict=True):
+            yield sum_tensor(name, folders, w, alpha, writer)
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="rvhub-combine") as pool:
+        pending: collections.deque[tuple[Future[TensorEncoder], int]] = collections.deque()
+        held = 0  # the estimated bytes of the pending results
+        todo = iter(zip(names, alphas, strict=True))
+        item = next(todo, None)
+        try:
+            while True:
+                # keep every thread busy, and more while the results held ahead of the next one to write stay
+                # under the budget: a large tensor in front (an embedding) need not leave a thread idle
+                while item is not None:
+                    cost = _result_bytes(folders, item[0])
+                    if len(pending) >= threads and held - pending[0][1] + cost > IN_FLIGHT_BYTES:
+                        break
+                    pending.append((pool.submit(_tensor, item[0], folders, w, item[1], writer), cost))
+                    held += cost
+                    item = next(todo, None)
+                if not pending:
+                    return
+                future, cost = pending.popleft()
+                held -= cost
+                yield future.result().finish()  # a sparse encoder touches its writer only here
+        finally:
+            for future, _ in pending:
+                future.cancel()
+
+
+def _result_bytes(folders: Sequence[VectorFolder], name: str) -> int:
+    """A bound on the bytes of a tensor's encoded result: its mask, and float32 values for as many elements as
+    the inputs store (fix-ups only where values are 16-bit, which halves them)."""
+    holders = [f for f in folders if name in f.entries]
+    numel = math.prod(holders[0].entries[name].shape)
+    stored = sum(f.entries[name].changed if f.sparse else numel for f in holders)
+    return numel // 8 + 4 * min(numel, stored)
+
+
+def _tensor(
+    name: str, folders: Sequence[VectorFolder], w: Sequence[float], alpha: float, writer: ShardedWriter
+) -> TensorEncoder:
+    """The tensor's encoder, holding every block of the result, ready for ``finish`` (which writes it)."""
     entry = next(f.entries[name] for f in folders if name in f.entries)
-    shape = tuple(entry.shape)
-    numel = math.prod(shape)
     terms = [(f, wi) for f, wi in zip(folders, w, strict=True) if name in f.entries]
     work = work_code(*(f.entries[name].source_dtype for f, _ in terms))
-    wt = _WORK_NP[work]
+    source = entry.source_dtype
+    enc, changed, inexact = _encode_as(name, terms, alpha, work, source, writer)
+    if source != work and values_code_from_counts(source, work, changed, inexact) == work:
+        enc, _, _ = _encode_as(name, terms, alpha, work, work, writer)
+    return enc
+
+
+def _encode_as(
+    name: str, terms: Sequence[tuple[VectorFolder, float]], alpha: float, work: str, values_code: str,
+    writer: ShardedWriter,
+) -> tuple[TensorEncoder, int, int]:
+    """The result's blocks encoded with values of dtype ``values_code``; with the number of stored elements and
+    of fix-ups (elements whose value that dtype cannot hold exactly)."""
+    entry = terms[0][0].entries[name]
+    shape = tuple(entry.shape)
+    enc = TensorEncoder(writer, name, shape, entry.source_dtype, values_code, sparse=True)
+    numel = math.prod(shape)
     if numel == 0:
-        return None  # an empty tensor has no delta to store
+        return enc, 0, 0  # an empty tensor has no delta to store
+    wt = _WORK_NP[work]
     rows = shape[0] if shape else 1
     row_elems = math.prod(shape[1:])
     blocks = row_blocks(shape, CHUNK_ELEMS) if shape else [(0, 1)]
     sizes = [(b - a) * row_elems for a, b in blocks] if shape else [1]
+    # each weight and α rounded to the work dtype once (0-d arrays): every product below is one rounding
+    weights = [None if wi == 1.0 else np.asarray(wi, dtype=wt) for _, wi in terms]
+    scale = None if alpha == 1.0 else np.asarray(alpha, dtype=wt)
     streams = [f.delta_chunks_np(name, rows, CHUNK_ELEMS, 1.0, work) for f, _ in terms]
-    results: list[tuple[int, np.ndarray, np.ndarray]] = []  # (block size, positions, values) per block
+    buf = np.empty(max(sizes), dtype=wt)
+    changed = inexact = 0
     for m in sizes:
-        deltas = [next(s) for s in streams]
-        pos, rank = _union(m, deltas)
-        acc: np.ndarray | None = None
-        for d, (_, wi) in zip(deltas, terms, strict=True):
-            v = np.zeros(pos.size, dtype=wt)
-            _decode_onto(v, rank, d)
-            with np.errstate(over="ignore", invalid="ignore"):  # reported by the finite check below
-                if acc is None:
-                    acc = v
-                    if wi != 1.0:
-                        acc *= wt(wi)
-                    continue
-                if wi != 1.0:
-                    v *= wt(wi)
-                acc += v
-        assert acc is not None
-        if alpha != 1.0:
-            with np.errstate(over="ignore", invalid="ignore"):
-                acc = acc * wt(alpha)
-        results.append((m, pos, acc))
+        acc = buf[:m]
+        acc.fill(0)
+        with np.errstate(over="ignore", invalid="ignore"):  # reported by the finite check below
+            for i, (s, wi) in enumerate(zip(streams, weights, strict=True)):
+                _accumulate(acc, next(s), wi, first=i == 0)
+            if scale is not None:
+                acc *= scale
+        keep = acc != 0
+        idx = np.flatnonzero(keep)
+        values = acc.take(idx)
+        with np.errstate(over="ignore", invalid="ignore"):  # its sum of an inf and a -inf is the alarm
+            check_finite_raw(name, values, work, "the combination overflows")
+        raw = _encode_block(keep, idx, values, values_code)
+        changed += raw.n_changed
+        inexact += int(raw.fix_pos.size)
+        enc.add(raw)
     for s in streams:  # the decoders' end-of-tensor checks (mask counts)
         for _ in s:
             pass
-    for _, _, acc in results:
-        check_finite_raw(name, acc, work, "the combination overflows")
-    values_code = values_code_for(entry.source_dtype, work, [acc for _, _, acc in results])
-    out = TensorEncoder(writer, name, shape, entry.source_dtype, values_code, sparse=True)
-    results.reverse()
-    while results:  # each block is released once encoded
-        m, pos, acc = results.pop()
-        nz = np.flatnonzero(acc != 0)
-        changed = np.zeros(m, dtype=np.bool_)
-        idx = pos.take(nz)
-        changed[idx] = True
-        out.add(_encode_selected(changed, idx, acc.take(nz), values_code, sparse=True, exact=True))
-    return out.finish()
+    return enc, changed, inexact
 
 
-def _union(m: int, deltas: list[RawDelta]) -> tuple[np.ndarray, np.ndarray | None]:
-    """Sorted positions (in a block of ``m`` elements) that some input's chunk stores, and each block
-    position's slot among them (None when they are every position: the slot is the position)."""
-    if any(d.index is None and d.values.size for d in deltas):  # a dense input stores every element
-        return np.arange(m, dtype=np.int64), None
-    hit = np.zeros(m, dtype=np.bool_)
-    for d in deltas:
-        if d.index is not None:
-            hit[d.index] = True
-    rank = np.cumsum(hit, dtype=np.int64)
-    rank -= 1
-    return np.flatnonzero(hit), rank
+def _encode_block(keep: np.ndarray, idx: np.ndarray, d: np.ndarray, values_code: str) -> RawChunk:
+    """``_encode_selected(keep, idx, d, values_code, sparse=True, exact=True)`` (d finite): the same arrays.
+
+    float32 → bf16 takes a shortcut: a finite float32 is a bf16 value exactly when its low 16 bits are zero,
+    and then its bf16 is its high 16 bits; the others are fix-ups (stored as 0), whatever they round to."""
+    if values_code != "BF16" or d.dtype != np.float32 or not _LITTLE:
+        return _encode_selected(keep, idx, d, values_code, sparse=True, exact=True)
+    halves = d.view(np.uint16)  # (low, high) half of each float32
+    stored = halves[1::2].copy()
+    bad = np.flatnonzero(halves[0::2] != 0)  # (a bool array first: nonzero is fastest on one)
+    if not bad.size:
+        return RawChunk(keep, int(d.size), stored, np.empty(0, dtype=np.int64), np.empty(0, dtype=d.dtype))
+    stored[bad] = 0
+    return RawChunk(keep, int(d.size), stored, idx[bad], d[bad])
 
 
-def _decode_onto(v: np.ndarray, rank: np.ndarray | None, d: RawDelta) -> None:
-    """v (zeros over the union) += the chunk's decoded delta, as :meth:`RawDelta.add_to` adds it to a zero
-    block; ``rank`` maps block positions to slots of the union (see :func:`_union`)."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        if d.index is None:
-            v[: d.values.size] += d.values  # the union is every position whenever a dense input has values
-        elif d.values.size:
-            _add_at(v, d.index if rank is None else rank.take(d.index), d.values)
-        if d.fix_lo.size:
-            _add_at(v, d.fix_pos if rank is None else rank.take(d.fix_pos), d.fix_lo)
+def _accumulate(acc: np.ndarray, d: RawDelta, w: np.ndarray | None, first: bool) -> None:
+    """acc += w·(the chunk's decoded delta) at the positions it stores (the first input's is put there: acc is
+    zero). The decoded delta is ``(0 + values) + fix_lo``, as :meth:`RawDelta.add_to` gives it on a zero block."""
+    v = d.values  # the decoder's own fresh array: changed in place
+    if d.fix_lo.size:
+        slots = d.fix_pos if d.index is None else np.searchsorted(d.index, d.fix_pos)
+        _add_at(v, slots, d.fix_lo)
+    if w is not None:
+        v *= w
+    if d.index is None:
+        if first:
+            acc[: v.size] = v
+        else:
+            acc[: v.size] += v
+    elif first:
+        np.put(acc, d.index, v, mode="clip")  # sorted, unique, inside the block: "clip" skips the bounds checks
+    elif v.size:
+        _add_at(acc, d.index, v)

@@ -219,6 +219,23 @@ def _open_input(spec: str | Path, registry: Any, progress: bool) -> _Input:
     return _Input(ref, folder, card_sha)
 
 
+def _open_inputs(specs: Sequence[str | Path], registry: Any, progress: bool) -> list[_Input]:
+    """:func:`_open_input` of each; local folders on two threads (hashing their files releases the GIL)."""
+    if len(specs) < 2 or not all(Path(s).exists() for s in specs):
+        return [_open_input(s, registry, progress) for s in specs]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2, thread_name_prefix="rvhub-verify") as pool:
+        return list(pool.map(lambda s: _open_input(s, registry, progress), specs))
+
+
+def _torch_threads() -> contextlib.AbstractContextManager[None]:
+    """ties and dare compute in torch, on one thread (see :func:`rvhub.extract._one_torch_thread`)."""
+    from .extract import _one_torch_thread
+
+    return _one_torch_thread()
+
+
 def _names(card: VectorCard) -> set[str]:
     return {t.name for t in card.tensors} | set(card.unchanged)
 
@@ -306,11 +323,10 @@ def combine(
 ) -> CombineResult:
     """Combine vectors (folders or registry repo ids) into the sparse vector folder ``out``; see the module
     docstring for each method's exact definition. α (``scale``, ``scale_patterns``) multiplies the result."""
-    from ._combine_sum import sum_tensor
+    from ._combine_sum import sum_tensors
     from ._io import atomic_dir, check_output, parse_size
     from ._progress import progress_bar, tensor_done
     from .card import CombineInput, Provenance, ScalePatternEntry, VectorCard, file_entry
-    from .extract import _one_torch_thread
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -319,7 +335,7 @@ def combine(
     patterns = ScalePatterns.of(scale_patterns, scale)
     shard_bytes = parse_size(max_shard_size)
     check_output(out, overwrite, [Path(v) for v in vectors if Path(v).exists()])
-    inputs = [_open_input(v, registry, progress) for v in vectors]
+    inputs = _open_inputs(vectors, registry, progress)
     check_output(out, overwrite, [i.folder.folder for i in inputs])
     forced = _check_inputs(inputs, force)
 
@@ -327,20 +343,19 @@ def combine(
     all_names = sorted(_names(inputs[0].card))
     in_bytes = {n: 4 * sum(_numel(i.folder.entries[n].shape) for i in inputs if n in i.folder.entries)
                 for n in names}
-    scales: dict[str, float] = {}
     entries: list[TensorEntry] = []
     # sum computes in numpy (without torch); ties and dare in torch, one thread
-    with atomic_dir(out, overwrite) as tmp, contextlib.nullcontext() if method == "sum" else _one_torch_thread():
+    with atomic_dir(out, overwrite) as tmp, contextlib.nullcontext() if method == "sum" else _torch_threads():
         writer = open_writer(tmp, {n: tuple(_entry(inputs, n).shape) for n in names}, shard_bytes)
         with writer, progress_bar(sum(in_bytes.values()), f"combine {method}", progress, len(names)) as bar:
-            for name in names:
-                alpha = patterns.scale_for(name)
-                scales[name] = alpha
-                if method == "sum":
-                    entry = sum_tensor(name, [i.folder for i in inputs], w, alpha, writer)
-                else:
-                    chunks = _combine_tensor(name, inputs, w, method, density, seed, alpha)
-                    entry = write_tensor(_entry(inputs, name), chunks, writer)
+            scales = {name: patterns.scale_for(name) for name in names}
+            if method == "sum":
+                results = sum_tensors(names, [i.folder for i in inputs], w, [scales[n] for n in names], writer)
+            else:
+                results = (write_tensor(_entry(inputs, name), _combine_tensor(name, inputs, w, method, density,
+                                                                              seed, scales[name]), writer)
+                           for name in names)
+            for name, entry in zip(names, results, strict=True):
                 if entry is not None:
                     entries.append(entry)
                 tensor_done(bar, in_bytes[name])
