@@ -8,7 +8,8 @@ element, the only ones stored, is the same, bit for bit. The nonzero elements ar
 extract's sparse encoding, in the tensor's own dtype; the rare tensor whose fix-ups make the work dtype the
 smaller choice (:func:`rvhub._combine_io.values_code_from_counts`) is computed a second time in it.
 
-Tensors are computed on two threads (every numpy operation used here, and file reads, release the GIL) and
+Tensors are computed on worker threads (:func:`rvhub._parallel.worker_threads`: every CPU this process may use,
+or ``RVHUB_THREADS``; every numpy operation used here, and file reads, release the GIL) and
 written in order, by the calling thread. The threads share the inputs' readers, which read with ``pread`` (no
 file position to race on). The output does not depend on the block size or the number of threads.
 """
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import math
-import sys
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ._combine_io import values_code_from_counts
+from ._parallel import worker_threads
 from .formats import (
     _WORK_NP,
-    RawChunk,
     RawDelta,
     TensorEncoder,
     VectorFolder,
@@ -42,8 +42,6 @@ if TYPE_CHECKING:
     from ._io import ShardedWriter
     from .card import TensorEntry
 
-THREADS = 2
-_LITTLE = sys.byteorder == "little"
 IN_FLIGHT_BYTES = 384 << 20  # a bound on the results held ahead of the one being written (estimated)
 
 
@@ -61,7 +59,7 @@ def sum_tensors(
 ) -> Iterator[TensorEntry | None]:
     """:func:`sum_tensor` of each of ``names`` (with its α), in order, computed up to ``threads`` at a time
     while earlier ones are written; yields each card entry (None: all zero) once it is written."""
-    threads = THREADS if threads is None else threads
+    threads = worker_threads(threads)
     if threads <= 1:
         for name, alpha in zip(names, alphas, strict=True):
             yield sum_tensor(name, folders, w, alpha, writer)
@@ -151,7 +149,7 @@ def _encode_as(
         values = acc.take(idx)
         with np.errstate(over="ignore", invalid="ignore"):  # its sum of an inf and a -inf is the alarm
             check_finite_raw(name, values, work, "the combination overflows")
-        raw = _encode_block(keep, idx, values, values_code)
+        raw = _encode_selected(keep, idx, values, values_code, sparse=True, exact=True, finite=True)
         changed += raw.n_changed
         inexact += int(raw.fix_pos.size)
         enc.add(raw)
@@ -159,22 +157,6 @@ def _encode_as(
         for _ in s:
             pass
     return enc, changed, inexact
-
-
-def _encode_block(keep: np.ndarray, idx: np.ndarray, d: np.ndarray, values_code: str) -> RawChunk:
-    """``_encode_selected(keep, idx, d, values_code, sparse=True, exact=True)`` (d finite): the same arrays.
-
-    float32 → bf16 takes a shortcut: a finite float32 is a bf16 value exactly when its low 16 bits are zero,
-    and then its bf16 is its high 16 bits; the others are fix-ups (stored as 0), whatever they round to."""
-    if values_code != "BF16" or d.dtype != np.float32 or not _LITTLE:
-        return _encode_selected(keep, idx, d, values_code, sparse=True, exact=True)
-    halves = d.view(np.uint16)  # (low, high) half of each float32
-    stored = halves[1::2].copy()
-    bad = np.flatnonzero(halves[0::2] != 0)  # (a bool array first: nonzero is fastest on one)
-    if not bad.size:
-        return RawChunk(keep, int(d.size), stored, np.empty(0, dtype=np.int64), np.empty(0, dtype=d.dtype))
-    stored[bad] = 0
-    return RawChunk(keep, int(d.size), stored, idx[bad], d[bad])
 
 
 def _accumulate(acc: np.ndarray, d: RawDelta, w: np.ndarray | None, first: bool) -> None:

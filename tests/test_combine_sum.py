@@ -85,7 +85,7 @@ CASES = {
 def test_sum_is_the_dense_float32_reference_in_many_blocks(inputs, tmp_path, monkeypatch, case, threads):
     names, weights, alpha = CASES[case]
     monkeypatch.setattr(combine_sum, "CHUNK_ELEMS", TINY_CHUNK)
-    monkeypatch.setattr(combine_sum, "THREADS", threads)
+    monkeypatch.setenv("RVHUB_THREADS", str(threads))
     vectors = [inputs[n] for n in names]
     combine(vectors, tmp_path / "c", weights=weights, scale=alpha, progress=False)
     assert_is(tmp_path / "c", reference(vectors, weights, alpha))
@@ -115,7 +115,7 @@ def test_the_bytes_do_not_depend_on_block_size_or_threads(inputs, tmp_path, monk
 
     def run(out: Path, chunk: int, threads: int) -> str:
         monkeypatch.setattr(combine_sum, "CHUNK_ELEMS", chunk)
-        monkeypatch.setattr(combine_sum, "THREADS", threads)
+        monkeypatch.setenv("RVHUB_THREADS", str(threads))
         combine(vectors, out, weights=[0.5, 1.25], scale_patterns=["mlp=2"], progress=False)
         return hashlib.sha256((out / "vector.safetensors").read_bytes()).hexdigest()
 
@@ -127,7 +127,7 @@ def test_the_bytes_do_not_depend_on_block_size_or_threads(inputs, tmp_path, monk
 def test_an_overflowing_sum_is_refused_and_leaves_no_output(inputs, tmp_path, monkeypatch, threads):
     from rvhub.errors import NonFiniteError
 
-    monkeypatch.setattr(combine_sum, "THREADS", threads)
+    monkeypatch.setenv("RVHUB_THREADS", str(threads))
     with pytest.raises(NonFiniteError, match="overflows"):
         combine([inputs["v1"], inputs["v3"]], tmp_path / "c", weights=[3e38, 1.0], scale=3e38, progress=False)
     assert not (tmp_path / "c").exists() and list(tmp_path.iterdir()) == []
