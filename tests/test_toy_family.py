@@ -145,8 +145,8 @@ def test_mcnemar_known_values():
 
 @pytest.fixture(scope="module")
 def default_family():
-    """The default family, built once per machine in the user cache (RVHUB_CACHE): 20-25 minutes measured on a
-    2-core box at load 4-7, not measured idle."""
+    """The default family, built once per machine in the user cache (RVHUB_CACHE): 20-26 minutes measured on a
+    2-core box at load 5-7, not measured idle."""
     return build_family(None, 0)
 
 
