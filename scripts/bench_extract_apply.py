@@ -56,6 +56,7 @@ MERGEKIT_FLAGS = (
 )
 EXTRACT, APPLY, RVHUB = "(a) extract", "(a) apply", "(a) extract+apply"
 MERGEKIT, NAIVE = "(b) mergekit", "(c) naive torch"
+MERGEKIT_RSS_PER_MODEL_BYTE = 5.5  # mergekit's measured peak (5.1x at 0.5B), with a margin
 FLOOR_APPLY, FLOOR_BOTH = "(d) IO floor apply", "(d) IO floor extract+apply"
 ROWS = (EXTRACT, APPLY, RVHUB, MERGEKIT, NAIVE, FLOOR_APPLY, FLOOR_BOTH)
 RSS_LIMIT_MB = 1500.0
@@ -237,6 +238,14 @@ def run_shape(bench: Bench, shape: Shape, deltas: str = "small") -> ShapeResult:
     if not naive_fits:
         result.notes.append(f"(c) naive torch skipped: it holds 4 models ({4 * result.model_bytes / 1e9:.1f} GB) in "
                             f"memory, more than 80% of this machine's {_page_cache_bytes() / 1e9:.1f} GB")
+    # mergekit (these flags, CPU) peaked at 5.1x the model's bytes at 0.5B (5,064 MB for 988 MB): skip it where
+    # that cannot fit, rather than have the kernel kill it (or the benchmark) half-way
+    mergekit_fits = MERGEKIT_RSS_PER_MODEL_BYTE * result.model_bytes < _page_cache_bytes() * 0.8
+    if not mergekit_fits:
+        need = MERGEKIT_RSS_PER_MODEL_BYTE * result.model_bytes / 1e9
+        result.notes.append(f"(b) mergekit skipped: at 0.5B it peaked at 5.1x the model's bytes; at "
+                            f"{MERGEKIT_RSS_PER_MODEL_BYTE}x, ~{need:.0f} GB here, more than 80% of this machine's "
+                            f"{_page_cache_bytes() / 1e9:.1f} GB")
     runs = bench.run_dir(shape)
     remove(runs)
     vec, out_a, out_b, out_c = (runs / n for n in ("vector", "out_rvhub", "out_mergekit", "out_naive"))
@@ -267,17 +276,19 @@ def run_shape(bench: Bench, shape: Shape, deltas: str = "small") -> ShapeResult:
     if naive_fits:
         step(NAIVE, [py, naive, trio.sft, trio.rl, trio.target, out_c, str(ALPHA)],
              [trio.sft, trio.rl, trio.target], [out_c])
-    config = bench.helpers / f"mergekit-{shape.name}.yml"
-    config.write_text(mergekit_config(trio.sft, trio.rl, trio.target))
-    step(MERGEKIT, [bench.mergekit_yaml, config, out_b, *MERGEKIT_FLAGS], [trio.sft, trio.rl, trio.target],
-         [out_b])
+    if mergekit_fits:
+        config = bench.helpers / f"mergekit-{shape.name}.yml"
+        config.write_text(mergekit_config(trio.sft, trio.rl, trio.target))
+        step(MERGEKIT, [bench.mergekit_yaml, config, out_b, *MERGEKIT_FLAGS], [trio.sft, trio.rl, trio.target],
+             [out_b])
 
     print(f"[{shape.name}] comparing outputs ...", flush=True)
-    pairs = [("(b) mergekit vs (c) naive torch", out_b, out_c)] if naive_fits else []
+    pairs = [("(b) mergekit vs (c) naive torch", out_b, out_c)] if naive_fits and mergekit_fits else []
     if bench.rvhub:
         if naive_fits:
             pairs.insert(0, ("(a) rvhub vs (c) naive torch", out_a, out_c))
-        pairs.append(("(a) rvhub vs (b) mergekit", out_a, out_b))
+        if mergekit_fits:
+            pairs.append(("(a) rvhub vs (b) mergekit", out_a, out_b))
     result.comparisons = {label: compare_checkpoints(x, y) for label, x, y in pairs}
     remove(runs)
     return result
