@@ -203,11 +203,34 @@ def _seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def _sum_of_squares(vec: Deltas, name: str) -> float:
+    """Σ v² over tensor ``name``, in float64, one row block at a time (never the whole tensor dense)."""
+    entry = vec.entries[name]
+    work = work_dtype(entry.source_dtype)
+    shape = tuple(entry.shape)
+    rows = shape[0] if shape else 1
+    total = 0.0
+    for (lo, hi), d in zip(_blocks(shape, CHUNK_ELEMS), vec.delta_chunks(name, rows, CHUNK_ELEMS, 1.0, work),
+                           strict=True):
+        block = torch.zeros(hi - lo, dtype=work)
+        d.add_to(block)
+        total += float(block.double().square().sum())
+    return total
+
+
+_KEEP_NOISE_ELEMS = 1 << 24  # a tensor's noise up to 64 MB (float32) is kept between its two passes
+
+
 class Control:
     """A seeded random vector r with v's per-tensor L2 norm, built lazily one tensor at a time.
 
     ``gaussian``: per tensor, standard normal noise rescaled to ‖v_t‖₂ (the construction of the paper's
-    authors). ``permute``: v's own values of each tensor, shuffled within the tensor.
+    authors). It is streamed: the noise is drawn in blocks of :data:`CHUNK_ELEMS` (a multiple of 16, so the
+    draws equal one ``torch.randn`` of the whole tensor with the same generator), once to measure its norm
+    and once more to be added (a tensor of up to 16M elements keeps its draws instead), and ‖v_t‖₂ is summed
+    block by block: a large tensor (an embedding of 136M elements would take 0.5 GB per float32 copy) is
+    never held whole. ``permute``: v's own values of each tensor, shuffled within the tensor (this one holds
+    the tensor and its permutation in memory).
     """
 
     def __init__(self, vec: Deltas, kind: Literal["gaussian", "permute"], seed: int = 0):
@@ -216,6 +239,7 @@ class Control:
         self.seed = seed
         self._entries = vec.entries
         self._cache: tuple[str, torch.Tensor] | None = None
+        self._factors: dict[str, float] = {}
 
     @property
     def entries(self) -> Mapping[str, TensorEntry]:
@@ -227,20 +251,47 @@ class Control:
         return self.vec.card
 
     def tensor(self, name: str) -> torch.Tensor:
-        """r for tensor ``name``, flat, float32 (float64 for float64 tensors)."""
+        """r for tensor ``name``, flat, float32 (float64 for float64 tensors), whole."""
         if self._cache is not None and self._cache[0] == name:
             return self._cache[1]
-        v = _dense(self.vec, name)
-        gen = torch.Generator().manual_seed(_seed(self.seed, name))
         if self.kind == "permute":
+            v = _dense(self.vec, name)
+            gen = torch.Generator().manual_seed(_seed(self.seed, name))
             r = v[torch.randperm(v.numel(), generator=gen)]
         else:
-            r = torch.randn(v.numel(), generator=gen, dtype=v.dtype)
-            norm_v = float(v.double().norm())
-            norm_r = float(r.double().norm())
-            r = r * (norm_v / norm_r) if norm_r > 0 else torch.zeros_like(r)
+            blocks = list(self._gaussian(name))
+            r = torch.cat(blocks) if blocks else torch.empty(0, dtype=work_dtype(self.entries[name].source_dtype))
         self._cache = (name, r)
         return r
+
+    def _noise(self, name: str) -> Iterator[torch.Tensor]:
+        """The standard normal draws of tensor ``name``, block by block."""
+        entry = self.entries[name]
+        numel = math.prod(entry.shape)
+        gen = torch.Generator().manual_seed(_seed(self.seed, name))
+        for lo in range(0, numel, CHUNK_ELEMS):
+            yield torch.randn(min(CHUNK_ELEMS, numel - lo), generator=gen, dtype=work_dtype(entry.source_dtype))
+
+    def _gaussian(self, name: str) -> Iterator[torch.Tensor]:
+        """r of tensor ``name``, block by block: the noise rescaled to ‖v_t‖₂ (zeros where v_t or the noise is 0)."""
+        factor = self._factors.get(name)
+        kept: list[torch.Tensor] | None = None
+        if factor is None:
+            norm_v = math.sqrt(_sum_of_squares(self.vec, name))
+            small = math.prod(self.entries[name].shape) <= _KEEP_NOISE_ELEMS  # keep its draws, not draw twice
+            kept = [] if small else None
+            sq = 0.0
+            for x in self._noise(name):
+                sq += float(x.double().square().sum())
+                if kept is not None:
+                    kept.append(x)
+            norm_r = math.sqrt(sq)
+            factor = self._factors[name] = norm_v / norm_r if norm_r > 0 else 0.0
+        for x in kept if kept is not None else self._noise(name):
+            yield x * factor if factor else torch.zeros_like(x)
+
+    def _flat(self, name: str) -> Iterator[torch.Tensor]:
+        return iter([self.tensor(name)]) if self.kind == "permute" else self._gaussian(name)
 
     def delta_chunks(
         self, name: str, rows: int, chunk_elems: int, scale: float, work: torch.dtype
@@ -249,12 +300,35 @@ class Control:
         entry = self.entries[name]
         vrows = entry.shape[0] if entry.shape else 1
         row = math.prod(entry.shape[1:])
-        r = self.tensor(name)
+        stream = _Sequential(self._flat(name))
         shape = (rows, *entry.shape[1:]) if entry.shape else ()
         none = torch.empty(0, dtype=torch.int64)
         for lo, hi in _blocks(shape, chunk_elems):
             a, b = (lo // row, hi // row) if entry.shape and row else (0, vrows)
-            values = r[a * row : min(b, vrows) * row].to(work, copy=True) if b > a else torch.empty(0, dtype=work)
+            values = stream.take(a * row, min(b, vrows) * row).to(work, copy=True) if b > a \
+                else torch.empty(0, dtype=work)
             if scale != 1.0:
                 values.mul_(scale)
             yield DeltaChunk(None, values, none, torch.empty(0, dtype=work))
+
+
+class _Sequential:
+    """Elements ``[lo, hi)`` of a flat tensor given as a stream of blocks, asked for in increasing order."""
+
+    def __init__(self, blocks: Iterator[torch.Tensor]):
+        self._blocks = blocks
+        self._buf: list[torch.Tensor] = []
+        self._start = 0  # flat index of the first element held in _buf
+        self._held = 0
+
+    def take(self, lo: int, hi: int) -> torch.Tensor:
+        while self._start + self._held < hi:
+            block = next(self._blocks)
+            self._buf.append(block)
+            self._held += block.numel()
+        while self._buf and self._start + self._buf[0].numel() <= lo:  # blocks wholly before lo are done
+            first = self._buf.pop(0)
+            self._start += first.numel()
+            self._held -= first.numel()
+        joined = torch.cat(self._buf) if len(self._buf) > 1 else self._buf[0]
+        return joined[lo - self._start : hi - self._start]

@@ -129,6 +129,29 @@ def test_control_has_the_per_tensor_norms_of_v(vector, kind):
     assert not torch.equal(again, Control(vec, kind, seed=1).tensor(next(iter(vec.entries))))
 
 
+@pytest.mark.parametrize("keep", [True, False])
+def test_the_gaussian_control_streamed_in_blocks_is_the_whole_tensor_draw(vector, monkeypatch, keep):
+    """Drawn in blocks (several per tensor here) and rescaled block by block, kept between its two passes or
+    drawn twice: the same r as one randn of the whole tensor times ‖v‖/‖noise‖, and the same in any target
+    row blocks."""
+    from rvhub import inmemory
+    from rvhub.inmemory import _seed
+
+    monkeypatch.setattr(inmemory, "CHUNK_ELEMS", 48)  # a multiple of 16, smaller than every matrix here
+    monkeypatch.setattr(inmemory, "_KEEP_NOISE_ELEMS", 10**9 if keep else 0)
+    vec = open_vector(vector("llama_plain"))
+    control = Control(vec, "gaussian", seed=7)
+    for name, entry in vec.entries.items():
+        v = vec.dense(name).reshape(-1)
+        noise = torch.randn(v.numel(), generator=torch.Generator().manual_seed(_seed(7, name)), dtype=v.dtype)
+        factor = float(v.double().norm()) / float(noise.double().norm())
+        r = control.tensor(name)
+        assert float((r - noise * factor).abs().max()) <= 1e-6 * float(r.abs().max()), name
+        rows = entry.shape[0] if entry.shape else 1
+        chunks = torch.cat([d.values for d in control.delta_chunks(name, rows, 40, 1.0, torch.float32)])
+        assert torch.equal(chunks, r), name
+
+
 def test_control_in_memory_is_target_plus_alpha_r(trio, vector):
     t = trio("llama_plain")
     vec = open_vector(vector("llama_plain"))
