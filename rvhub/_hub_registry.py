@@ -68,6 +68,10 @@ RETRY_WAIT_S = 0.5  # times the attempt number
 _MAX_MESSAGE = 1 << 16  # a commit message read for `mirror`
 
 
+def _no_card(ref: VectorRef) -> VectorFormatError:
+    return VectorFormatError(str(ref), f"the repo has no {CARD_FILE}: it is not an rvhub vector")
+
+
 class HubRegistry(Registry):
     """The Hugging Face Hub (or any Hub-compatible endpoint)."""
 
@@ -170,7 +174,7 @@ class HubRegistry(Registry):
             except EntryNotFoundError as e:
                 if isinstance(e, LocalEntryNotFoundError):
                     raise
-                raise VectorFormatError(str(ref), f"the repo has no {CARD_FILE}: it is not an rvhub vector") from e
+                raise _no_card(ref) from e
         commit = path.parent.name  # the cache's snapshots/<commit>/ folder
         if not guard.SHA1.fullmatch(commit):
             raise HostileServerError(ref.repo_id, "the Hugging Face cache",
@@ -198,7 +202,7 @@ class HubRegistry(Registry):
             try:
                 hf_raise_for_status(response)
             except EntryNotFoundError as e:
-                raise VectorFormatError(str(ref), f"the repo has no {CARD_FILE}: it is not an rvhub vector") from e
+                raise _no_card(ref) from e
             served = response.headers.get("X-Repo-Commit")
             if served is not None and served != commit:
                 raise HostileServerError(ref.repo_id, self.description,

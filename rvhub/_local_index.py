@@ -16,7 +16,6 @@ Entries only choose which cards ``search`` reads; the cards are then read and ch
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import re
@@ -243,14 +242,7 @@ def _locked(reg: LocalRegistry) -> Iterator[None]:
     if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
         raise RegistryDamagedError("(index)", str(folder), "the index folder is not a plain folder of the registry")
     folder.mkdir(exist_ok=True)
-    try:
-        fd = os.open(folder / "index.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-    except OSError as e:
-        raise RegistryDamagedError("(index)", str(folder / "index.lock"),
-                                   f"cannot open the lock file: {e.strerror or e}") from e
-    with os.fdopen(fd, "r+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    from ._local_registry import _locked as lock_file  # the repos' lock: O_NOFOLLOW, flock
+
+    with lock_file("(index)", folder / "index.lock"):
+        yield
