@@ -184,17 +184,23 @@ def check_loaded(model: Any, source: ModelSource, names: list[str]) -> None:
 # ---------------------------------------------------------------- controls
 
 
-def _dense(vec: Deltas, name: str) -> torch.Tensor:
-    """The whole delta of ``name`` in float32 (float64 for float64 tensors), flat, in the vector's shape."""
+def _dense_blocks(vec: Deltas, name: str) -> Iterator[torch.Tensor]:
+    """The delta of ``name`` in float32 (float64 for float64 tensors), flat, one row block at a time."""
     entry = vec.entries[name]
     work = work_dtype(entry.source_dtype)
     shape = tuple(entry.shape)
-    out = torch.zeros(math.prod(shape), dtype=work)
     rows = shape[0] if shape else 1
-    for (lo, _), d in zip(_blocks(shape, CHUNK_ELEMS), vec.delta_chunks(name, rows, CHUNK_ELEMS, 1.0, work),
-                          strict=True):
-        d.add_to(out[lo:])
-    return out
+    for (lo, hi), d in zip(_blocks(shape, CHUNK_ELEMS), vec.delta_chunks(name, rows, CHUNK_ELEMS, 1.0, work),
+                           strict=True):
+        block = torch.zeros(hi - lo, dtype=work)
+        d.add_to(block)
+        yield block
+
+
+def _dense(vec: Deltas, name: str) -> torch.Tensor:
+    """The whole delta of ``name``, flat, in the vector's shape (see :func:`_dense_blocks`)."""
+    blocks = list(_dense_blocks(vec, name))
+    return torch.cat(blocks) if blocks else torch.zeros(0, dtype=work_dtype(vec.entries[name].source_dtype))
 
 
 def _seed(seed: int, name: str) -> int:
@@ -205,17 +211,7 @@ def _seed(seed: int, name: str) -> int:
 
 def _sum_of_squares(vec: Deltas, name: str) -> float:
     """Σ v² over tensor ``name``, in float64, one row block at a time (never the whole tensor dense)."""
-    entry = vec.entries[name]
-    work = work_dtype(entry.source_dtype)
-    shape = tuple(entry.shape)
-    rows = shape[0] if shape else 1
-    total = 0.0
-    for (lo, hi), d in zip(_blocks(shape, CHUNK_ELEMS), vec.delta_chunks(name, rows, CHUNK_ELEMS, 1.0, work),
-                           strict=True):
-        block = torch.zeros(hi - lo, dtype=work)
-        d.add_to(block)
-        total += float(block.double().square().sum())
-    return total
+    return sum(float(block.double().square().sum()) for block in _dense_blocks(vec, name))
 
 
 _KEEP_NOISE_ELEMS = 1 << 24  # a tensor's noise up to 64 MB (float32) is kept between its two passes
