@@ -11,8 +11,10 @@ import logging
 import math
 import os
 import shutil
+import stat
 import struct
 import sys
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -365,11 +367,85 @@ def copy_file(src: Path, dst: Path) -> None:
 
 
 def sha256_file(path: Path, block: int = 8 << 20) -> str:
+    """The file's sha256: the one :func:`hash_ahead` computed, when the file is still the one it read (same
+    device, inode, size, mtime and ctime before, after and now), else read here."""
+    with _AHEAD_LOCK:
+        ahead = _AHEAD.pop(_identity(os.stat(path)), None)
+    if ahead is not None:
+        digest, before, after = ahead.result()
+        if digest is not None and before == after == _identity(os.stat(path)):
+            return digest
+    return _sha256(path, block)
+
+
+def _sha256(path: Path, block: int = 8 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(block):
             h.update(chunk)
     return h.hexdigest()
+
+
+_Identity = tuple[int, int, int, int, int]
+_AHEAD_LOCK = threading.Lock()
+_AHEAD: dict[_Identity, Future[tuple[str | None, _Identity, _Identity]]] = {}
+_AHEAD_MAX_FILES = 256
+
+
+def _identity(st: os.stat_result) -> _Identity:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def hash_ahead(paths: Iterable[Path]) -> None:
+    """Start hashing these files, in order, on one background thread, so that a later :func:`sha256_file` of
+    an unchanged file takes the result instead of reading it again. Hashing that must come before a file is read
+    (a vector's verification) then overlaps the imports and set-up before it, on another core. Only regular
+    files (not through a link) are hashed, and a file that changes while it is read is hashed again when asked."""
+    jobs: list[tuple[Path, Future[tuple[str | None, _Identity, _Identity]]]] = []
+    with _AHEAD_LOCK:
+        for path in paths:
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            key = _identity(st)
+            if stat.S_ISREG(st.st_mode) and key not in _AHEAD and len(_AHEAD) < _AHEAD_MAX_FILES:
+                fut: Future[tuple[str | None, _Identity, _Identity]] = Future()
+                _AHEAD[key] = fut
+                jobs.append((path, fut))
+    if jobs:  # a daemon thread: an exit need not wait for hashes nobody asked for
+        threading.Thread(target=_hash_jobs, args=(jobs,), daemon=True, name="rvhub-hash-ahead").start()
+
+
+def hash_folder_ahead(folder: Path, suffix: str = ".safetensors") -> None:
+    """:func:`hash_ahead` of the regular ``*.safetensors`` files directly in ``folder`` (at most 256); nothing
+    for anything else (a repo id, a missing folder)."""
+    try:
+        with os.scandir(folder) as it:
+            files = [Path(e.path) for e, _ in zip((e for e in it if e.name.endswith(suffix)),
+                                                  range(_AHEAD_MAX_FILES), strict=False)]
+    except OSError:
+        return
+    hash_ahead(sorted(files))
+
+
+def _hash_jobs(jobs: Sequence[tuple[Path, Future[tuple[str | None, _Identity, _Identity]]]]) -> None:
+    for path, fut in jobs:
+        if not fut.set_running_or_notify_cancel():
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            with open(fd, "rb") as fh:
+                before = _identity(os.fstat(fh.fileno()))
+                h = hashlib.sha256()
+                left = before[2]  # never more than the size it had: a growing file is hashed again when asked
+                while left > 0 and (chunk := fh.read(min(8 << 20, left))):
+                    h.update(chunk)
+                    left -= len(chunk)
+                after = _identity(os.fstat(fh.fileno()))
+            fut.set_result((h.hexdigest(), before, after))
+        except OSError:
+            fut.set_result((None, (0, 0, 0, 0, 0), (0, 0, 0, 0, 0)))
 
 
 _MAX_SIZE = 10**15

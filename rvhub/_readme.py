@@ -66,6 +66,13 @@ def fit_tags(card: VectorCard) -> list[str]:
     return tags
 
 
+def preload() -> None:
+    """Import what :func:`render_readme` uses (huggingface_hub's card module and jinja2, ~0.3 s), so that a
+    caller can have it done while other work (hashing) runs on another core."""
+    import huggingface_hub.repocard  # noqa: F401
+    import jinja2  # noqa: F401
+
+
 def render_readme(card: VectorCard, repo_id: str | None = None) -> str:
     """README.md for ``card``: Hub YAML metadata, a readable body, and the card's JSON."""
     from huggingface_hub import ModelCard, ModelCardData

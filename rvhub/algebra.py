@@ -326,7 +326,7 @@ def combine(
     from ._combine_sum import sum_tensors
     from ._io import atomic_dir, check_output, parse_size
     from ._progress import progress_bar, tensor_done
-    from .card import CombineInput, Provenance, ScalePatternEntry, VectorCard, file_entry
+    from .card import CombineInput, Provenance, ScalePatternEntry, VectorCard, file_entries
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -359,7 +359,7 @@ def combine(
                 if entry is not None:
                     entries.append(entry)
                 tensor_done(bar, in_bytes[name])
-            files = [file_entry(tmp, f) for f in writer.close()]
+            files = file_entries(tmp, writer.close())
         first = inputs[0].card
         provenance = Provenance(
             expression=_expression(w, method),

@@ -12,7 +12,7 @@ import base64
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -578,10 +578,22 @@ def file_entry(folder: Path, name: str) -> FileEntry:
     return FileEntry(path=name, size=path.stat().st_size, sha256=sha256_file(path))
 
 
+def file_entries(folder: Path, names: Sequence[str]) -> list[FileEntry]:
+    """The manifest entries of ``folder``'s new files ``names``. They are hashed on a background thread while
+    this one imports what rendering the README needs (the card's next step): the two overlap on two cores."""
+    from ._io import hash_ahead
+    from ._readme import preload
+
+    hash_ahead(folder / n for n in names)
+    preload()
+    return [file_entry(folder, n) for n in names]
+
+
 def verify_files(folder: Path, card: VectorCard) -> None:
     """Check every file the card lists against its recorded size and sha256, before anything reads it."""
-    from ._io import sha256_file
+    from ._io import hash_ahead, sha256_file
 
+    hash_ahead(folder / e.path for e in card.files[1:])  # the rest on another core while this one does the first
     for entry in card.files:
         path = folder / entry.path
         if not path.is_file():

@@ -106,6 +106,16 @@ ScalePatternOpt = Annotated[
 T = TypeVar("T")
 
 
+def _hash_ahead(*folders: str | Path | None) -> None:
+    """Start hashing these vector folders' weight files on another core while the command's imports load: the
+    verification that must come before reading them then finds the work done (``_io.hash_ahead``)."""
+    from ._io import hash_folder_ahead
+
+    for folder in folders:
+        if folder is not None:
+            hash_folder_ahead(Path(folder))
+
+
 def _run(
     debug: bool, json_out: bool, call: Callable[[], T], human: Callable[[T], str],
     exit_code: Callable[[T], int] = lambda result: 0,
@@ -236,6 +246,7 @@ def compress(
 
     Give one rank rule: --rank, --energy or --budget.
     """
+    _hash_ahead(vector)
     from .compress import compress as run
 
     _run(debug, json_out, lambda: run(
@@ -315,6 +326,7 @@ def apply(
     """Write θ_base + α·v: float32 arithmetic rounded once; config and tokenizer from the base.
 
     The base must first pass the compatibility check (`rvhub check`); --force skips it."""
+    _hash_ahead(vector)
     from .apply import apply as run
 
     _run(debug, json_out, lambda: run(
@@ -452,6 +464,7 @@ def combine(
     """Combine vectors into a new (sparse, exact float32) vector folder whose card records its provenance.
 
     A single vector with --weights -1 is its negation."""
+    _hash_ahead(*vectors)
     from .algebra import combine as run
 
     def human(r: Any) -> str:
@@ -484,6 +497,7 @@ def inspect(
 ) -> None:
     """Norms per layer and module type, changed fraction, LoRA spectrum; with a second vector, cosine, norm
     ratio, sign agreement and support overlap per tensor and layer."""
+    _hash_ahead(vector, other)
     from .inspect import inspect_vector, render
 
     _run(debug, json_out, lambda: inspect_vector(vector, other, from_model=from_model, plot=plot), render)

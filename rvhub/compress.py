@@ -33,7 +33,7 @@ from ._io import (
 from ._progress import progress_bar, tensor_done
 from ._untrusted import decoding
 from .apply import resolve_device
-from .card import HUB_ID_PATTERN, CompressionReport, ModuleReport, SvdCheck, VectorCard, file_entry
+from .card import HUB_ID_PATTERN, CompressionReport, ModuleReport, SvdCheck, VectorCard, file_entries
 from .errors import InvalidOptionError, VectorFormatError
 from .formats import ADAPTER_CONFIG, RESIDUAL_STEM, VECTOR_STEM, VectorFolder, adapter_base
 from .sources import TIED_PAIRS
@@ -217,7 +217,7 @@ def compress(
         _chmod_like_umask(tmp / ADAPTER_WEIGHTS)  # safetensors writes 0600, whatever the umask
         _write_residual(vec, residual, tmp / f"{RESIDUAL_STEM}.safetensors")
         _lora_config(card, modules, base_model).save_pretrained(str(tmp))
-        files = [file_entry(tmp, n) for n in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, f"{RESIDUAL_STEM}.safetensors")]
+        files = file_entries(tmp, (ADAPTER_CONFIG, ADAPTER_WEIGHTS, f"{RESIDUAL_STEM}.safetensors"))
         report = CompressionReport(
             svd="exact" if all(m.exact for m in modules) else "randomized",
             rule=rule,

@@ -23,7 +23,7 @@ from ._io import (
 )
 from ._parallel import ordered_map, worker_threads
 from ._progress import progress_bar, tensor_done
-from .card import ModelRef, TensorEntry, VectorCard, file_entry
+from .card import ModelRef, TensorEntry, VectorCard, file_entries
 from .compat import fingerprints
 from .errors import InvalidOptionError, MissingTensorError, ShapeMismatchError, UnsupportedTensorError
 from .formats import VECTOR_STEM, RawChunk, TensorEncoder, encode_chunk, header_bound
@@ -167,7 +167,7 @@ def extract(
                         unchanged.append(plan.pair.name)
                     tensor_done(bar, plan.pair.src.nbytes + plan.pair.dst.nbytes)
             names = writer.close()
-        files = [file_entry(tmp, n) for n in names]
+        files = file_entries(tmp, names)
         prints = fingerprints(src_from, [(e.name, e.shape) for e in entries])
         card = VectorCard(
             format=format,

@@ -99,3 +99,62 @@ def test_printable_strips_terminal_controls(text, shown):
     from rvhub._untrusted import printable
 
     assert printable(text) == shown
+
+
+def _wait_ahead():
+    from rvhub import _io
+
+    with _io._AHEAD_LOCK:
+        pending = list(_io._AHEAD.values())
+    for fut in pending:
+        fut.result(timeout=30)
+
+
+def test_hash_ahead_result_is_used_and_not_read_again(tmp_path, monkeypatch):
+    import hashlib
+
+    from rvhub import _io
+
+    f = tmp_path / "w.safetensors"
+    f.write_bytes(b"x" * 100_000)
+    _io.hash_folder_ahead(tmp_path)
+    _wait_ahead()
+    monkeypatch.setattr(_io, "_sha256", lambda *a, **k: pytest.fail("read again"))
+    assert _io.sha256_file(f) == hashlib.sha256(b"x" * 100_000).hexdigest()
+    monkeypatch.undo()
+    assert _io.sha256_file(f) == hashlib.sha256(b"x" * 100_000).hexdigest()  # taken once, then read as usual
+
+
+def test_hash_ahead_of_a_changed_file_is_not_used(tmp_path):
+    """Same size and the mtime put back: the ctime still tells, and the file is hashed again."""
+    import hashlib
+    import os
+    import time
+
+    from rvhub import _io
+
+    f = tmp_path / "w.safetensors"
+    f.write_bytes(b"a" * 4096)
+    _io.hash_ahead([f])
+    _wait_ahead()
+    st = os.stat(f)
+    time.sleep(0.01)
+    f.write_bytes(b"b" * 4096)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert _io.sha256_file(f) == hashlib.sha256(b"b" * 4096).hexdigest()
+
+
+def test_hash_ahead_skips_links_fifos_and_missing_folders(tmp_path):
+    import os
+
+    from rvhub import _io
+
+    real = tmp_path / "real.bin"
+    real.write_bytes(b"z" * 10)
+    (tmp_path / "link.safetensors").symlink_to(real)
+    os.mkfifo(tmp_path / "fifo.safetensors")  # opening it to read would block forever
+    before = len(_io._AHEAD)
+    _io.hash_folder_ahead(tmp_path)
+    _io.hash_folder_ahead(tmp_path / "missing")
+    _io.hash_folder_ahead(tmp_path / "real.bin")  # not a folder
+    assert len(_io._AHEAD) == before
