@@ -134,6 +134,7 @@ class SafetensorsFileWriter:
         self._left = 0
         self._open: TensorSpec | None = None  # a tensor of yet unknown length (see begin_open)
         self._open_bytes = 0
+        self._sealed = False  # after pop_last: the file takes no more tensors, only close
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="rvhub-write")
         self._inflight: collections.deque[Future[None]] = collections.deque()
         self._syncer = ThreadPoolExecutor(1, thread_name_prefix="rvhub-sync")
@@ -148,6 +149,8 @@ class SafetensorsFileWriter:
     def begin(self, spec: TensorSpec) -> None:
         if self._left or self._open is not None:
             raise RuntimeError(f"{self._pending} is incomplete")
+        if self._sealed:
+            raise RuntimeError(f"{self.path}: a tensor was taken out; the file takes no more")
         if self.plan is not None and self.plan[len(self.entries)] != spec:
             raise RuntimeError(f"{spec} written out of plan order")
         self.entries.append(spec)
@@ -222,14 +225,15 @@ class SafetensorsFileWriter:
         return spec
 
     def pop_last(self) -> int:
-        """Take the last tensor out of this file (its bytes stay until ``close`` truncates them, for
-        :meth:`copy_in` to read); the file offset of its first byte."""
+        """Take the last tensor out of this file, which then takes no more (its bytes stay until ``close``
+        truncates them, for :meth:`copy_in` to read); the file offset of its first byte."""
         if self._left or self._open is not None or not self.entries:
             raise RuntimeError("pop_last() needs a complete last tensor")
         self._wait()
         self._fh.flush()
         spec = self.entries.pop()
         self.data_bytes -= spec.nbytes
+        self._sealed = True
         return self._data_offset() + self.data_bytes
 
     def copy_in(self, path: Path, offset: int, n: int) -> None:

@@ -79,6 +79,17 @@ def test_end_open_needs_whole_elements(tmp_path: Path) -> None:
     w.abort()
 
 
+def test_a_file_that_gave_up_its_last_tensor_takes_no_more(tmp_path: Path) -> None:
+    w = SafetensorsFileWriter(tmp_path / "x.safetensors", None, reserve=RESERVE)
+    w.begin(TensorSpec("a", "U8", (4,)))
+    w.write(b"abcd")
+    assert w.pop_last() == 8 + RESERVE
+    with pytest.raises(RuntimeError, match="no more"):
+        w.begin(TensorSpec("b", "U8", (1,)))
+    w.close()
+    assert (tmp_path / "x.safetensors").stat().st_size == 8 + RESERVE  # the popped bytes are truncated away
+
+
 def _chunks(n: int, size: int) -> list[RawChunk]:
     g = np.random.default_rng(1)
     out = []
