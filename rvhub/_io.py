@@ -15,7 +15,7 @@ import stat
 import struct
 import sys
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,6 +134,9 @@ class SafetensorsFileWriter:
         self.data_bytes = 0
         self._pending: TensorSpec | None = None
         self._left = 0
+        self._open: TensorSpec | None = None  # a tensor of yet unknown length (see begin_open)
+        self._open_bytes = 0
+        self._sealed = False  # after pop_last: the file takes no more tensors, only close
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="rvhub-write")
         self._inflight: collections.deque[Future[None]] = collections.deque()
         self._syncer = ThreadPoolExecutor(1, thread_name_prefix="rvhub-sync")
@@ -146,8 +149,10 @@ class SafetensorsFileWriter:
             self._fh.seek(8 + reserve)
 
     def begin(self, spec: TensorSpec) -> None:
-        if self._left:
+        if self._left or self._open is not None:
             raise RuntimeError(f"{self._pending} is incomplete")
+        if self._sealed:
+            raise RuntimeError(f"{self.path}: a tensor was taken out; the file takes no more")
         if self.plan is not None and self.plan[len(self.entries)] != spec:
             raise RuntimeError(f"{spec} written out of plan order")
         self.entries.append(spec)
@@ -161,14 +166,90 @@ class SafetensorsFileWriter:
             data = tensor_bytes(chunk)
         else:
             data = memoryview(chunk).cast("B")  # type: ignore[arg-type]
-        if len(data) > self._left:
+        if self._open is not None:
+            self._open_bytes += len(data)
+        elif len(data) > self._left:
             raise RuntimeError(f"too many bytes for {self._pending}")
-        # the write runs in a background thread (it releases the GIL) while the caller computes the next
-        # chunk; at most two chunks are in flight, so memory stays bounded
+        else:
+            self._left -= len(data)
+        self._submit(self._write, data)
+
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn`` on the writing thread (file IO releases the GIL) while the caller computes the next
+        chunk; at most two are in flight, so the memory they hold stays bounded."""
         while len(self._inflight) >= 2:
             self._inflight.popleft().result()
-        self._inflight.append(self._pool.submit(self._write, data))
-        self._left -= len(data)
+        self._inflight.append(self._pool.submit(fn, *args))
+
+    def _data_offset(self) -> int:
+        """The file offset of the first data byte (reserve mode)."""
+        if self.plan is not None:
+            raise RuntimeError(f"{self.path}: only a writer without a plan writes out of order")
+        return 8 + self.reserve
+
+    def defer(self) -> int:
+        """Leave the bytes of the tensor just begun to :meth:`write_at` (in any order, before ``close``) and
+        go on with the next tensor after them; the file offset of its first byte."""
+        spec = self._pending
+        if spec is None or self._left != spec.nbytes:
+            raise RuntimeError("defer() must follow begin()")
+        end = self._data_offset() + self.data_bytes
+        self._left = 0
+        self._submit(self._fh.seek, end)  # a hole until written: the writes after it land behind it
+        return end - spec.nbytes
+
+    def write_at(self, offset: int, chunk: np.ndarray | bytes) -> None:
+        """Write bytes of a deferred tensor at file ``offset`` (from :meth:`defer`)."""
+        self._submit(self._pwrite, memoryview(chunk).cast("B"), offset)  # type: ignore[arg-type]
+
+    def _pwrite(self, data: memoryview, offset: int) -> None:
+        while data:  # a short write is continued
+            n = os.pwrite(self._fh.fileno(), data, offset)
+            data, offset = data[n:], offset + n
+
+    def begin_open(self, name: str, dtype: str) -> None:
+        """Begin a flat tensor whose length is known only when :meth:`end_open` is called (reserve mode)."""
+        self._data_offset()
+        self.begin(TensorSpec(name, dtype, (0,)))
+        self._open, self._open_bytes = self._pending, 0
+
+    def end_open(self) -> TensorSpec:
+        """End the tensor of :meth:`begin_open`: its spec, with the length of what was written."""
+        spec = self._open
+        if spec is None:
+            raise RuntimeError("end_open() without begin_open()")
+        n, rest = divmod(self._open_bytes, ITEMSIZE[spec.dtype])
+        if rest:
+            raise RuntimeError(f"{spec.name}: {self._open_bytes} bytes is not a whole number of {spec.dtype}")
+        spec = self.entries[-1] = self._pending = TensorSpec(spec.name, spec.dtype, (n,))
+        self.data_bytes += spec.nbytes
+        self._open = None
+        return spec
+
+    def pop_last(self) -> int:
+        """Take the last tensor out of this file, which then takes no more (its bytes stay until ``close``
+        truncates them, for :meth:`copy_in` to read); the file offset of its first byte."""
+        if self._left or self._open is not None or not self.entries:
+            raise RuntimeError("pop_last() needs a complete last tensor")
+        self._wait()
+        self._fh.flush()
+        spec = self.entries.pop()
+        self.data_bytes -= spec.nbytes
+        self._sealed = True
+        return self._data_offset() + self.data_bytes
+
+    def copy_in(self, path: Path, offset: int, n: int) -> None:
+        """Write the current tensor's next ``n`` bytes from file ``path`` at ``offset`` (a few MB at a time)."""
+        if n > self._left:
+            raise RuntimeError(f"too many bytes for {self._pending}")
+        with open(path, "rb") as src:
+            src.seek(offset)
+            while n:
+                block = src.read(min(n, 8 << 20))
+                if not block:
+                    raise RuntimeError(f"{path} ends before the bytes to copy")
+                self.write(block)
+                n -= len(block)
 
     def _write(self, data: memoryview) -> None:
         """On the writing thread: write, and every SYNC_AHEAD_BYTES have a third thread start flushing what is
@@ -180,16 +261,19 @@ class SafetensorsFileWriter:
             self._unsynced = 0
             self._sync = self._syncer.submit(os.fdatasync, self._fh.fileno())
 
-    def _drain(self) -> None:
+    def _wait(self) -> None:
         while self._inflight:
             self._inflight.popleft().result()
+
+    def _drain(self) -> None:
+        self._wait()
         self._pool.shutdown()
         self._syncer.shutdown()  # waits for a flush in flight
         if self._sync is not None:
             self._sync.result()
 
     def close(self) -> None:
-        if self._left:
+        if self._left or self._open is not None:
             raise RuntimeError(f"{self._pending} is incomplete")
         self._drain()
         if self.plan is not None:
@@ -197,6 +281,8 @@ class SafetensorsFileWriter:
                 raise RuntimeError(f"{self.path}: {len(self.plan) - len(self.entries)} planned tensors unwritten")
             _fsync_close(self._fh)
             return
+        self._fh.flush()  # the data ends where its entries say: a deferred tail is filled, a popped one dropped
+        os.ftruncate(self._fh.fileno(), self._data_offset() + self.data_bytes)
         head = _header(self.entries, self.metadata)
         if len(head) <= 8 + self.reserve:
             self._fh.seek(0)  # the format allows the header to be padded with spaces
@@ -284,6 +370,36 @@ class ShardedWriter:
             cur = self._cur = self._open_next()
         cur.begin(spec)
         return cur
+
+    def begin_open(self, name: str, dtype: str) -> SafetensorsFileWriter:
+        """Start a flat tensor of yet unknown length, in the current shard (a new one if none is open);
+        stream its bytes with ``write``, then call :meth:`end_open`."""
+        if self._shard_plans is not None:
+            raise RuntimeError("a planned writer has no tensor of unknown length")
+        if self._cur is None:
+            self._cur = self._open_next()
+        self._cur.begin_open(name, dtype)
+        return self._cur
+
+    def end_open(self) -> TensorSpec:
+        """End the tensor of :meth:`begin_open`. It lands where :meth:`begin` would have put it had its size
+        been known: when it overfills a shard that holds other tensors, it moves to the next one."""
+        cur = self._cur
+        assert cur is not None
+        spec = cur.end_open()
+        if len(cur.entries) > 1 and cur.data_bytes > self.max:
+            offset = cur.pop_last()
+            nxt = SafetensorsFileWriter(self.folder / f".shard-{len(self._done) + 1:05d}.safetensors", self.metadata,
+                                        None, self.header_reserve)
+            try:
+                nxt.begin(spec)
+                nxt.copy_in(cur.path, offset, spec.nbytes)
+            except BaseException:
+                nxt.abort()
+                raise
+            self._finish_current()  # truncates the moved bytes away
+            self._cur = nxt
+        return spec
 
     def add(self, spec: TensorSpec, chunks: Iterable[torch.Tensor | np.ndarray | bytes]) -> None:
         """Write a whole tensor from its chunks."""

@@ -245,7 +245,7 @@ class _TensorPlan:
         if not p.dst.is_float:
             next(results)  # integer buffers: checked equal by the task, no delta
             return None
-        enc = TensorEncoder(writer, p.name, p.dst.shape, p.dst.dtype, self.values_code, self.sparse)
+        enc = TensorEncoder(writer, p.name, p.dst.shape, p.dst.dtype, self.values_code, self.sparse, stream=True)
         for _ in self.tasks:
             chunk = next(results)
             assert chunk is not None

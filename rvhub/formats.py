@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._io import FLOAT_CODES, ShardedWriter, TensorSpec
+from ._io import FLOAT_CODES, SafetensorsFileWriter, ShardedWriter, TensorSpec
 from ._npbridge import from_torch, to_torch
 from ._npdtype import narrow, to_work
 from ._untrusted import read_json
@@ -247,15 +247,21 @@ class TensorEncoder:
     """Writes one tensor's encoded chunks (in order) into a vector's :class:`ShardedWriter`.
 
     ``source_dtype`` is the tensor's dtype in the models (the card's); ``values_dtype`` the stored one (a
-    dtype code, or a torch dtype).
+    dtype code, or a torch dtype). A sparse tensor's mask and values are held until :meth:`finish` (which may
+    then run on another thread than ``add``), unless ``stream``: then each chunk's mask bytes go into their
+    place in the file and its values behind them as it comes, so memory does not grow with the tensor; the
+    writer must then be used by this encoder alone until :meth:`finish`, and the file is the same.
     """
 
     def __init__(
         self, writer: ShardedWriter, name: str, shape: tuple[int, ...], source_dtype: str,
-        values_dtype: str | torch.dtype, sparse: bool,
+        values_dtype: str | torch.dtype, sparse: bool, stream: bool = False,
     ) -> None:
         self.writer, self.name, self.shape, self.source_dtype = writer, name, shape, source_dtype
         self.values_code, self.sparse = _code(values_dtype), sparse
+        self._stream = stream and sparse
+        self._file: SafetensorsFileWriter | None = None  # streaming: the shard the mask and values go into
+        self._mask_at = 0  # streaming: the file offset of the mask's first byte
         self._masks: list[np.ndarray] = []
         self._values: list[np.ndarray] = []
         self._fix_pos: list[np.ndarray] = []
@@ -269,7 +275,9 @@ class TensorEncoder:
         if isinstance(enc, EncodedChunk):
             enc = enc.raw()
         self._changed += enc.n_changed
-        if self.sparse:
+        if self._stream:
+            self._write_chunk(enc)
+        elif self.sparse:
             self._masks.append(enc.packed if enc.packed is not None else pack_bits(enc.changed))
             self._values.append(enc.values)
         else:
@@ -281,12 +289,30 @@ class TensorEncoder:
             self._fix_hi.append(enc.fix_hi)
         self._start += enc.changed.size
 
+    def _write_chunk(self, enc: RawChunk) -> None:
+        """Streaming: the chunk's mask bytes into the mask's place, its values behind the values so far."""
+        if self._start % 8:
+            raise RuntimeError(f"{self.name}: a chunk ended {self._start} elements in, not on a whole mask byte")
+        if self._file is None:
+            if not enc.n_changed:
+                return  # nothing written yet (the tensor may stay unchanged); its mask bytes are zero
+            n_mask = (math.prod(self.shape) + 7) // 8
+            self._file = self.writer.begin(TensorSpec(self.name + MASK, "U8", (n_mask,)))
+            self._mask_at = self._file.defer()  # earlier chunks' mask bytes stay zero (a hole in the file)
+            self.writer.begin_open(self.name + VALUES, self.values_code)
+        self._file.write_at(self._mask_at + self._start // 8, enc.packed if enc.packed is not None
+                            else pack_bits(enc.changed))
+        if enc.values.size:
+            self._file.write(enc.values)
+
     def finish(self) -> TensorEntry | None:
         """Write the tensor's keys; its card entry, or None for a sparse tensor with no changed element."""
         if self._changed == 0 and self.sparse:
             return None
         w = self.writer
-        if self.sparse:
+        if self._stream:
+            w.end_open()
+        elif self.sparse:
             mask = np.concatenate(self._masks)
             w.add(TensorSpec(self.name + MASK, "U8", (mask.size,)), [mask])
             n = sum(v.size for v in self._values)
