@@ -134,9 +134,9 @@ def _add_tensor(
     for (lo, hi), d in zip(blocks, deltas, strict=True):
         acc = (next(bases) if bases is not None else flat[lo:hi]).to(work, copy=True)
         d.add_to(acc)
-        res = acc.to(data.dtype)
-        check_finite(source, res, "model or vector, after adding")
-        flat[lo:hi].copy_(res)
+        out = flat[lo:hi]
+        out.copy_(acc)  # rounds once to the parameter's dtype, as acc.to(dtype) does
+        check_finite(source, out, "model or vector, after adding")
 
 
 def _restore_tensor(param: torch.Tensor, base: ModelSource, name: str, chunk_elems: int) -> None:
@@ -201,6 +201,11 @@ def vector_added(
                     params[name].data.copy_(copies[name])
 
 
+# switch_to's blocks: smaller than apply's, so that what each worker thread holds at once (the target's block,
+# its float32 sum, the delta) stays a few MB; the weights do not depend on the block size
+SWITCH_CHUNK_ELEMS = CHUNK_ELEMS // 4
+
+
 @torch.no_grad()
 def switch_to(
     model: Any,
@@ -211,7 +216,7 @@ def switch_to(
     *,
     allow_vocab_mismatch: bool = False,
     threads: int | None = None,
-    chunk_elems: int = CHUNK_ELEMS,
+    chunk_elems: int = SWITCH_CHUNK_ELEMS,
 ) -> list[str]:
     """Make the model hold target + ``scale``·deltas (``deltas`` None: the target), whatever earlier deltas it
     holds on the parameters ``touched``, in one pass per tensor: each parameter the new deltas take is computed
@@ -283,7 +288,12 @@ def _seed(seed: int, name: str) -> int:
 
 def _sum_of_squares(vec: Deltas, name: str) -> float:
     """Σ v² over tensor ``name``, in float64, one row block at a time (never the whole tensor dense)."""
-    return sum(float(block.double().square().sum()) for block in _dense_blocks(vec, name))
+    return sum(_square_sum(block) for block in _dense_blocks(vec, name))
+
+
+def _square_sum(block: torch.Tensor) -> float:
+    """Σ x² of one block in float64 (squared in place: one float64 copy of the block, not two)."""
+    return float(block.to(torch.float64, copy=True).square_().sum())  # a copy also for a float64 block
 
 
 _KEEP_NOISE_ELEMS = 1 << 24  # a tensor's noise up to 64 MB (float32) is kept between its two passes
@@ -350,7 +360,7 @@ class Control:
             kept = [] if small else None
             sq = 0.0
             for x in self._noise(name):
-                sq += float(x.double().square().sum())
+                sq += _square_sum(x)
                 if kept is not None:
                     kept.append(x)
             norm_r = math.sqrt(sq)
@@ -373,10 +383,11 @@ class Control:
         none = torch.empty(0, dtype=torch.int64)
         for lo, hi in _blocks(shape, chunk_elems):
             a, b = (lo // row, hi // row) if entry.shape and row else (0, vrows)
-            values = stream.take(a * row, min(b, vrows) * row).to(work, copy=True) if b > a \
-                else torch.empty(0, dtype=work)
-            if scale != 1.0:
-                values.mul_(scale)
+            values = stream.take(a * row, min(b, vrows) * row) if b > a else torch.empty(0, dtype=work)
+            if scale != 1.0:  # a copy: the stream's blocks may still be read by the next take
+                values = values.to(work, copy=True).mul_(scale)
+            else:  # only read by DeltaChunk.add_to
+                values = values.to(work)
             yield DeltaChunk(None, values, none, torch.empty(0, dtype=work))
 
 
