@@ -76,8 +76,11 @@ class Runner:
                 deltas = {"target": None, "plus": self.vec, "minus": self.vec, "sweep": self.vec,
                           "control": self.control}[run.role]
                 check_stop()
+                # a control's tensors on one thread: its norm pass holds float64 copies of a noise block and of
+                # a block of v, and two threads of them would break the memory budget (one model copy + 1 GB)
                 touched = switch_to(self.model, self.tgt, deltas, run.scale, touched,
-                                    allow_vocab_mismatch=self.allow_vocab_mismatch)
+                                    allow_vocab_mismatch=self.allow_vocab_mismatch,
+                                    threads=1 if run.role == "control" else None)
                 out[run] = {}
                 for task in tasks:
                     bar.set_postfix_str(f"{run.label}: {task}", refresh=False)
