@@ -16,6 +16,9 @@ Restoring (:func:`vector_added`) is exact in one of two ways:
   model was loaded from and cast to the parameter's dtype. Cost: no extra memory beyond one row block, one
   read of the touched tensors per restore. Only valid when the loaded weights equal the files cast to the
   parameters' dtype; :func:`check_loaded` verifies that once.
+
+:func:`switch_to` (what ``rvhub eval`` uses between runs) goes from one run's deltas to the next's in one pass:
+each parameter is computed from the target's files plus the new delta, the bits of restoring and then adding.
 """
 
 from __future__ import annotations
