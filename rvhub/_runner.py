@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ._io import check_stop, dtype_code, write_text
-from .inmemory import Control, check_loaded, plan_model, vector_added
+from .inmemory import Control, check_loaded, plan_model, switch_to
 
 if TYPE_CHECKING:
     from .eval import Run, TaskResult
@@ -41,6 +40,7 @@ class Runner:
         self.allow_vocab_mismatch = allow_vocab_mismatch
         self.control = Control(vec, control, control_seed) if control != "none" else None  # type: ignore[arg-type]
         self.harness_version = _harness_version(lm_eval)
+        self._tasks: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
         if dtype is None:  # the target's own: the dtype most of its float tensors have
             codes = [i.dtype for i in tgt.tensors.values() if i.is_float]
             code = max(sorted(set(codes)), key=codes.count) if codes else "F32"
@@ -64,36 +64,70 @@ class Runner:
         return model, lm
 
     def run_all(self, runs: list[Run], tasks: list[str], progress: bool) -> dict[Run, dict[str, TaskResult]]:
+        """Every run on every task. The weights go from one run's straight to the next's (:func:`switch_to`,
+        from the target's files); after the last run the model is left as it is (this runner is done with it)."""
         from huggingface_hub.utils.tqdm import tqdm
 
         out: dict[Run, dict[str, TaskResult]] = {}
+        touched: list[str] = []
         with tqdm(total=len(runs) * len(tasks), desc="eval", unit="run×task", disable=not progress,  # type: ignore[no-untyped-call]
                   leave=False, dynamic_ncols=True) as bar:
             for run in runs:
                 deltas = {"target": None, "plus": self.vec, "minus": self.vec, "sweep": self.vec,
                           "control": self.control}[run.role]
-                ctx = (vector_added(self.model, deltas, run.scale, restore=self.tgt,
-                                    allow_vocab_mismatch=self.allow_vocab_mismatch)
-                       if deltas is not None else nullcontext())
-                with ctx:
-                    out[run] = {}
-                    for task in tasks:
-                        bar.set_postfix_str(f"{run.label}: {task}", refresh=False)
-                        check_stop()
-                        out[run][task] = self._evaluate(run, task)
-                        bar.update(1)
+                check_stop()
+                # a control's tensors on one thread: its norm pass holds float64 copies of a noise block and of
+                # a block of v, and two threads of them would break the memory budget (one model copy + 1 GB)
+                touched = switch_to(self.model, self.tgt, deltas, run.scale, touched,
+                                    allow_vocab_mismatch=self.allow_vocab_mismatch,
+                                    threads=1 if run.role == "control" else None)
+                out[run] = {}
+                for task in tasks:
+                    bar.set_postfix_str(f"{run.label}: {task}", refresh=False)
+                    check_stop()
+                    out[run][task] = self._evaluate(run, task)
+                    bar.update(1)
         return out
 
+    def _task(self, task: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """lm-eval's loaded task dict for ``task`` with the settings ``simple_evaluate`` would give it, built
+        once, and the random states its building left (each run starts from them, as a fresh
+        ``simple_evaluate`` would: seeded, then the task built)."""
+        if task in self._tasks:
+            return self._tasks[task]
+        from lm_eval.utils import simple_parse_args_string
+
+        o = self.options
+        _seed_all(o["seed"])
+        loaded = self.task_manager.load([task])
+        gen = o["gen_kwargs"]
+        gen = (simple_parse_args_string(gen) or None) if isinstance(gen, str) else gen
+        for t in loaded["tasks"].values():
+            if t.get_config("output_type") == "generate_until" and gen is not None:
+                t.set_config(key="generation_kwargs", value=gen, update=True)
+            if o["num_fewshot"] is not None:
+                if t.get_config("num_fewshot") != 0:  # a task that sets 0 keeps it, as in simple_evaluate
+                    t.set_config(key="num_fewshot", value=o["num_fewshot"])
+            elif t.get_config("num_fewshot") is None:
+                t.set_config(key="num_fewshot", value=0)
+        self._tasks[task] = (loaded, _random_states())
+        return self._tasks[task]
+
     def _evaluate(self, run: Run, task: str) -> TaskResult:
+        from lm_eval.evaluator import evaluate
+
         from .eval import TaskResult
 
         o = self.options
-        seed = o["seed"]
-        raw = self.lm_eval.simple_evaluate(
-            model=self.lm, tasks=[task], num_fewshot=o["num_fewshot"], limit=o["limit"],
-            task_manager=self.task_manager, apply_chat_template=o["apply_chat_template"], gen_kwargs=o["gen_kwargs"],
-            log_samples=True, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-            fewshot_random_seed=seed, verbosity="WARNING",
+        loaded, states = self._task(task)
+        _set_random_states(states)
+        for t in loaded["tasks"].values():
+            t.set_fewshot_seed(seed=o["seed"])
+        # what simple_evaluate runs after building the task, without its environment report (a pip list and a
+        # git call per run) that nothing here reads
+        raw = evaluate(
+            lm=self.lm, task_dict=loaded, limit=o["limit"], log_samples=True,
+            apply_chat_template=o["apply_chat_template"], fewshot_as_multiturn=True,
         )
         if raw is None:  # only on non-zero ranks of a distributed run
             raise RuntimeError("lm_eval.simple_evaluate returned nothing")
@@ -140,6 +174,42 @@ class Runner:
         summary = {k: v for k, v in raw.items() if k != "samples"}
         write_text(folder / f"results_{task}.json", json.dumps(summary, indent=2, default=str) + "\n")
         write_text(folder / f"samples_{task}.jsonl", "".join(json.dumps(s, default=str) + "\n" for s in samples))
+
+
+def _seed_all(seed: int) -> None:
+    """The seeds ``simple_evaluate(random_seed=…, numpy_random_seed=…, torch_random_seed=…)`` sets."""
+    import random
+
+    import numpy as np
+    from lm_eval.utils import set_torch_seed
+
+    random.seed(seed)
+    np.random.seed(seed)
+    set_torch_seed(seed)
+
+
+def _random_states() -> dict[str, Any]:
+    import random
+
+    import numpy as np
+
+    states: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
+                              "torch": torch.random.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_random_states(states: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.random.set_rng_state(states["torch"])
+    if "cuda" in states:
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def _harness_version(lm_eval: Any) -> str | None:

@@ -2,10 +2,11 @@
 
 One model load. Runs: the target alone, target + α·v, target − α·v, target + α·r (r a seeded control with
 v's per-tensor L2 norm), and + α·v over a sweep of α. Each run adds its delta in place (rvhub.inmemory: the
-weights ``rvhub apply`` would write, bit for bit), calls ``lm_eval.simple_evaluate`` once per task on an
-``HFLM`` wrapping the loaded model, and restores the target's weights exactly by re-reading the touched
-tensors from its files. Per-example results give paired tests (rvhub._stats) of +α·v against the target
-and against the control. The deltas go into the card (rvhub.json + README.md), the sweep's plot beside it.
+weights ``rvhub apply`` would write, bit for bit), computed straight from the target's files so that no run
+pays a separate restore (rvhub.inmemory.switch_to), and runs lm-eval once per task on an ``HFLM`` wrapping the
+loaded model (each task built once; each run from the random states a fresh ``simple_evaluate`` would have).
+Per-example results give paired tests (rvhub._stats) of +α·v against the target and against the control.
+The deltas go into the card (rvhub.json + README.md), the sweep's plot beside it.
 """
 
 from __future__ import annotations

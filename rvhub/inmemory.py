@@ -16,13 +16,17 @@ Restoring (:func:`vector_added`) is exact in one of two ways:
   model was loaded from and cast to the parameter's dtype. Cost: no extra memory beyond one row block, one
   read of the touched tensors per restore. Only valid when the loaded weights equal the files cast to the
   parameters' dtype; :func:`check_loaded` verifies that once.
+
+:func:`switch_to` (what ``rvhub eval`` uses between runs) goes from one run's deltas to the next's in one pass:
+each parameter is computed from the target's files plus the new delta, the bits of restoring and then adding.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,21 +103,51 @@ def _blocks(shape: tuple[int, ...], chunk_elems: int) -> list[tuple[int, int]]:
     return [(a * row, b * row) for a, b in blocks]
 
 
-def _add_tensor(param: torch.Tensor, vec: Deltas, source: str, scale: float, chunk_elems: int) -> None:
+def _flat(param: torch.Tensor, what: str) -> torch.Tensor:
     data = param.data
     if not data.is_contiguous():
-        raise InvalidOptionError("model", source, "parameters must be contiguous to take a vector in place")
-    flat = data.view(-1)
+        raise InvalidOptionError("model", what, "parameters must be contiguous to take a vector in place")
+    return data.view(-1)
+
+
+def _base_blocks(base: ModelSource, name: str, like: torch.Tensor, chunk_elems: int) -> Iterator[torch.Tensor]:
+    """The target's tensor ``name`` from its files, cast to the parameter's dtype, in the blocks of
+    :func:`_blocks` (what restoring by re-reading puts back), on the parameter's device."""
+    from ._npbridge import to_torch
+
+    code = base.tensors[name].dtype
+    for block in base.chunk_blocks(name, chunk_elems):
+        yield to_torch(base.read_block_np(name, block), code).to(device=like.device, dtype=like.dtype)
+
+
+def _add_tensor(
+    param: torch.Tensor, vec: Deltas, source: str, scale: float, chunk_elems: int,
+    base: tuple[ModelSource, str] | None = None,
+) -> None:
+    """param += scale·delta of ``source``, one rounding; with ``base`` (the target's files and the parameter's
+    name there), param = base + scale·delta instead: restoring and then adding, in one pass."""
+    data = param.data
+    flat = _flat(param, source)
     code = TORCH_TO_ST[data.dtype]
     work = work_dtype(code, vec.entries[source].source_dtype)
     rows = data.shape[0] if data.dim() else 1
     deltas = vec.delta_chunks(source, rows, chunk_elems, scale, work)
-    for (lo, hi), d in zip(_blocks(tuple(data.shape), chunk_elems), deltas, strict=True):
-        acc = flat[lo:hi].to(work, copy=True)
+    blocks = _blocks(tuple(data.shape), chunk_elems)
+    bases = _base_blocks(base[0], base[1], data, chunk_elems) if base is not None else None
+    for (lo, hi), d in zip(blocks, deltas, strict=True):
+        acc = (next(bases) if bases is not None else flat[lo:hi]).to(work, copy=True)
         d.add_to(acc)
-        res = acc.to(data.dtype)
-        check_finite(source, res, "model or vector, after adding")
-        flat[lo:hi].copy_(res)
+        out = flat[lo:hi]
+        out.copy_(acc)  # rounds once to the parameter's dtype, as acc.to(dtype) does
+        check_finite(source, out, "model or vector, after adding")
+
+
+def _restore_tensor(param: torch.Tensor, base: ModelSource, name: str, chunk_elems: int) -> None:
+    """param = the target's tensor ``name`` from its files, cast to the parameter's dtype, one block at a time."""
+    flat = _flat(param, name)
+    for (lo, hi), block in zip(_blocks(tuple(param.shape), chunk_elems),
+                               _base_blocks(base, name, param.data, chunk_elems), strict=True):
+        flat[lo:hi].copy_(block)
 
 
 @torch.no_grad()
@@ -164,11 +198,57 @@ def vector_added(
     finally:
         with torch.no_grad():
             for name in plan:
-                p = params[name].data
                 if isinstance(restore, ModelSource):
-                    p.copy_(restore.read(name).to(p.dtype))
+                    _restore_tensor(params[name], restore, name, CHUNK_ELEMS)
                 else:
-                    p.copy_(copies[name])
+                    params[name].data.copy_(copies[name])
+
+
+# switch_to's blocks: smaller than apply's, so that what each worker thread holds at once (the target's block,
+# its float32 sum, the delta) stays a few MB; the weights do not depend on the block size
+SWITCH_CHUNK_ELEMS = CHUNK_ELEMS // 4
+
+
+@torch.no_grad()
+def switch_to(
+    model: Any,
+    base: ModelSource,
+    deltas: Deltas | None,
+    scale: float = 1.0,
+    touched: Collection[str] = (),
+    *,
+    allow_vocab_mismatch: bool = False,
+    threads: int | None = None,
+    chunk_elems: int = SWITCH_CHUNK_ELEMS,
+) -> list[str]:
+    """Make the model hold target + ``scale``·deltas (``deltas`` None: the target), whatever earlier deltas it
+    holds on the parameters ``touched``, in one pass per tensor: each parameter the new deltas take is computed
+    from the target's files (``base``), not from its current value, and each one only ``touched`` is read back.
+    The weights are those of restoring and then :func:`add_vector`, bit for bit. Returns the parameters that
+    now differ from the target's files (the next call's ``touched``).
+
+    Only valid when the loaded weights equal the files cast to the parameters' dtype (:func:`check_loaded`).
+    Tensors are done on ``threads`` worker threads (default :func:`rvhub._parallel.worker_threads`): decoding,
+    drawing a control's noise and torch's elementwise work release the GIL.
+    """
+    from ._parallel import ordered_map, worker_threads
+
+    if not math.isfinite(scale):
+        raise InvalidOptionError("scale", scale, "must be a finite number")
+    plan = plan_model(model, deltas, allow_vocab_mismatch)[0] if deltas is not None else {}
+    params = _params(model)
+    jobs: list[tuple[int, Callable[[], None]]] = []
+    for name in sorted(set(touched) - set(plan)):
+        jobs.append((params[name].numel(), functools.partial(_restore_tensor, params[name], base, name, chunk_elems)))
+    for name, source in plan.items():
+        assert deltas is not None
+        jobs.append((params[name].numel(), functools.partial(
+            _add_tensor, params[name], deltas, source, scale, chunk_elems, (base, name))))
+    # largest first: a long tensor (the embedding) overlaps with the others instead of ending alone
+    jobs.sort(key=lambda job: -job[0])
+    for _ in ordered_map((job for _, job in jobs), worker_threads(threads)):
+        pass
+    return sorted(plan)
 
 
 def check_loaded(model: Any, source: ModelSource, names: list[str]) -> None:
@@ -211,7 +291,12 @@ def _seed(seed: int, name: str) -> int:
 
 def _sum_of_squares(vec: Deltas, name: str) -> float:
     """Σ v² over tensor ``name``, in float64, one row block at a time (never the whole tensor dense)."""
-    return sum(float(block.double().square().sum()) for block in _dense_blocks(vec, name))
+    return sum(_square_sum(block) for block in _dense_blocks(vec, name))
+
+
+def _square_sum(block: torch.Tensor) -> float:
+    """Σ x² of one block in float64 (squared in place: one float64 copy of the block, not two)."""
+    return float(block.to(torch.float64, copy=True).square_().sum())  # a copy also for a float64 block
 
 
 _KEEP_NOISE_ELEMS = 1 << 24  # a tensor's noise up to 64 MB (float32) is kept between its two passes
@@ -278,7 +363,7 @@ class Control:
             kept = [] if small else None
             sq = 0.0
             for x in self._noise(name):
-                sq += float(x.double().square().sum())
+                sq += _square_sum(x)
                 if kept is not None:
                     kept.append(x)
             norm_r = math.sqrt(sq)
@@ -301,10 +386,11 @@ class Control:
         none = torch.empty(0, dtype=torch.int64)
         for lo, hi in _blocks(shape, chunk_elems):
             a, b = (lo // row, hi // row) if entry.shape and row else (0, vrows)
-            values = stream.take(a * row, min(b, vrows) * row).to(work, copy=True) if b > a \
-                else torch.empty(0, dtype=work)
-            if scale != 1.0:
-                values.mul_(scale)
+            values = stream.take(a * row, min(b, vrows) * row) if b > a else torch.empty(0, dtype=work)
+            if scale != 1.0:  # a copy: the stream's blocks may still be read by the next take
+                values = values.to(work, copy=True).mul_(scale)
+            else:  # only read by DeltaChunk.add_to
+                values = values.to(work)
             yield DeltaChunk(None, values, none, torch.empty(0, dtype=work))
 
 

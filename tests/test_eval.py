@@ -244,3 +244,43 @@ def test_local_tasks_skip_indexing_lm_evals_own_but_built_in_names_still_resolve
     both = _task_manager(lm_eval, trained.tasks, [TASK, "arc_easy"])
     assert {TASK, "arc_easy"} <= set(both.all_tasks)
     assert _task_manager(lm_eval, trained.tasks, [TASK]) is local  # once per process
+
+
+def test_a_task_built_once_gives_fresh_simple_evaluate_per_sample_results(trained, vec, tmp_path):  # type: ignore[no-untyped-def]
+    """The runner builds each task once and calls lm-eval's evaluate per run: every run's per-sample results
+    (and scores, n, task hash) equal a fresh simple_evaluate of the same weights, also for runs after the
+    first and for a run that comes back to the target."""
+    import lm_eval
+    import torch
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rvhub._runner import Runner
+    from rvhub.eval import Run
+    from rvhub.formats import open_vector
+    from rvhub.inmemory import switch_to
+    from rvhub.sources import open_model
+
+    tm = TaskManager(include_path=str(trained.tasks), include_defaults=False)
+    options = dict(limit=None, num_fewshot=None, apply_chat_template=False, batch_size=BS, gen_kwargs=None, seed=0)
+    tgt = open_model(str(trained.target), hash_content=False)
+    runner = Runner(lm_eval, open_vector(vec), tgt, torch.device("cpu"), None, tm, "none", 0, False, options, None)
+    plus_folder = apply(vec, str(trained.target), tmp_path / "plus", progress=False).out
+    touched: list[str] = []
+    for run, folder in ((Run("target", 0.0), trained.target), (Run("plus", 1.0), plus_folder),
+                        (Run("minus", -1.0), None), (Run("target", 0.0), trained.target)):
+        touched = switch_to(runner.model, tgt, runner.vec if run.role != "target" else None, run.scale, touched)
+        ours = runner._evaluate(run, TASK)
+        if folder is None:
+            continue
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+        lm = HFLM(pretrained=model, tokenizer=AutoTokenizer.from_pretrained(str(folder)), batch_size=BS)
+        res = lm_eval.simple_evaluate(model=lm, tasks=[TASK], task_manager=TaskManager(include_path=str(trained.tasks)),
+                                      random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
+        by_doc = {s["doc_id"]: float(s["acc"]) for s in res["samples"][TASK] if s["filter"] == "none"}
+        assert ours.per_sample["acc,none"] == by_doc, run
+        assert ours.scores["acc,none"] == res["results"][TASK]["acc,none"], run
+        assert ours.n == res["n-samples"][TASK]["effective"] and ours.num_fewshot == 0
+        assert ours.task_hash is not None and ours.version == "1.0"
+    assert len(runner._tasks) == 1  # built once

@@ -175,3 +175,34 @@ def test_cuda_model_equals_apply(trio, vector, tmp_path):
     with vector_added(model, vector("qwen2_hard"), 1.0, restore=open_model(str(t.target))):
         assert_bitwise_equal({k: v.cpu() for k, v in _state(model).items()}, applied, "cuda in memory")
     assert_bitwise_equal({k: v.cpu() for k, v in _state(model).items()}, original, "cuda restored")
+
+
+@pytest.mark.parametrize(("threads", "chunk"), [(1, 1 << 22), (2, 64)])
+def test_switch_to_goes_from_run_to_run_as_restore_then_add(trio, vector, tmp_path, threads, chunk):
+    """target → +v → −v → control → target, each straight from the previous weights (computed from the
+    target's files): bit for bit what restoring and then adding gives, and what apply writes."""
+    from rvhub.inmemory import check_loaded, switch_to
+
+    t = trio("qwen2_hard")
+    vec = open_vector(vector("qwen2_hard"))
+    src = open_model(str(t.target))
+    model = _load(t.target)
+    original = _state(model)
+    check_loaded(model, src, sorted(original))
+    control = Control(vec, "gaussian", seed=0)
+    reference = _load(t.target)  # the same states, the old way: restore from copies, then add
+    touched: list[str] = []
+    for deltas, scale in ((vec, 1.0), (vec, -1.0), (control, 0.5), (None, 0.0), (vec, 0.25)):
+        touched = switch_to(model, src, deltas, scale, touched, threads=threads, chunk_elems=chunk)
+        if deltas is None:
+            assert touched == []
+            assert_bitwise_equal(_state(model), original, "switched back to the target")
+            continue
+        with vector_added(reference, deltas, scale):
+            assert_bitwise_equal(_state(model), _state(reference), f"switched to {scale}")
+        assert touched and touched == sorted(touched)
+    applied = load_tensors(Path(apply(vector("qwen2_hard"), str(t.target), tmp_path / "o", scale=0.25,
+                                      progress=False).out))
+    assert_bitwise_equal(_state(model), applied, "last state vs apply")
+    with pytest.raises(InvalidOptionError, match="finite"):
+        switch_to(model, src, vec, math.nan, touched)
