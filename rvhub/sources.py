@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from . import _hub_guard as guard
 from ._io import FLOAT_CODES, ITEMSIZE, check_stop, nbytes, sha256_file
 from ._npdtype import RAW_NUMPY, raw_view
 from .card import ModelRef
@@ -474,6 +473,8 @@ def _hub_files(repo_id: str, commit: str, declared: dict[str, int | None], weigh
     folder, every file proven to lie inside the repo's cache folder."""
     from huggingface_hub import hf_hub_download
 
+    from . import _hub_guard as guard
+
     root = guard.repo_cache(repo_id)
     for name, size in declared.items():
         limit = size if size is not None else (1 << 60 if name in weights else guard.MAX_SIDE_FILE_BYTES)
@@ -489,6 +490,8 @@ def _hub_files(repo_id: str, commit: str, declared: dict[str, int | None], weigh
 def _listing(repo_id: str, revision: str | None, ref: str, files_metadata: bool) -> tuple[str, dict[str, int | None]]:
     """The commit ``revision`` resolves to and the repo's top-level files there (name -> declared size)."""
     from huggingface_hub import HfApi
+
+    from . import _hub_guard as guard
 
     with guard.bounded(repo_id, "the repo info", guard.MAX_API_BYTES):
         info = HfApi().model_info(repo_id, revision=revision, files_metadata=files_metadata)
@@ -506,12 +509,16 @@ def _listing(repo_id: str, revision: str | None, ref: str, files_metadata: bool)
 
 def _check_cached(root: Path, repo_id: str) -> None:
     """Every file of a cached snapshot (offline) lies inside the repo's cache folder."""
+    from . import _hub_guard as guard
+
     for path in root.iterdir():
         guard.contained(path, guard.repo_cache(repo_id), repo_id, f"the cached {path.name}")
 
 
 def _open_hub(ref: str) -> ModelSource:
     from huggingface_hub import constants, snapshot_download
+
+    from . import _hub_guard as guard
 
     repo_id, _, revision = ref.partition("@")
     rev = revision or None
@@ -563,6 +570,8 @@ class RemoteModel(ModelSource):
     def read_span_np(self, name: str, start: int, length: int) -> np.ndarray:
         from huggingface_hub import get_session, hf_hub_url
         from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]  # public, not in __all__
+
+        from . import _hub_guard as guard
 
         info = self.tensors[name]
         filename = str(info.file)
@@ -616,6 +625,8 @@ def open_remote(ref: str) -> ModelSource:
     (``HF_HUB_OFFLINE=1``) a model in the local cache is opened as a folder instead.
     """
     from huggingface_hub import HfApi, constants
+
+    from . import _hub_guard as guard
 
     if constants.HF_HUB_OFFLINE:
         return open_model(ref, hash_content=False)

@@ -375,7 +375,7 @@ def target_rows(results: Sequence[ShapeResult]) -> list[list[str]]:
             small, large = rss_by_shape["0.5b"], rss_by_shape[other]
             growth = max(small, large) / min(small, large)
             rows.append([label, verdict(growth, 1.2, False, f"{small:,.0f} → {large:,.0f} MB, {{:.2f}}×")])
-        elif other == "1.5b":
+        elif other == "3b":
             rows.append([label, "n/a (needs both shapes measured)"])
     return rows
 
