@@ -8,13 +8,23 @@ BIN := $(VENV)/bin
 
 .PHONY: demo test lint pytest bench clean
 
-$(BIN)/.installed: pyproject.toml Makefile
+# --no-compile: modules are compiled when first imported, not all of every package at install time
+PIP := $(BIN)/python -m pip install -q --no-compile
+
+# the demo needs the eval and toy extras; the tests also the dev tools
+$(BIN)/.installed-demo: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e ".[dev,eval,toy]"
+	$(PIP) $(TORCH)
+	$(PIP) -e ".[eval,toy]"
 	touch $@
 
-demo: $(BIN)/.installed
+$(BIN)/.installed: pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) $(TORCH)
+	$(PIP) -e ".[dev,eval,toy]"
+	touch $@ $(BIN)/.installed-demo
+
+demo: $(BIN)/.installed-demo
 	$(BIN)/python scripts/demo.py
 
 lint: $(BIN)/.installed
