@@ -495,10 +495,20 @@ def sha256_file(path: Path, block: int = 8 << 20) -> str:
 
 
 def _sha256(path: Path, block: int = 8 << 20) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as fh:
-        while chunk := fh.read(block):
-            h.update(chunk)
+        return _digest(fh, None, block)
+
+
+def _digest(fh: Any, limit: int | None, block: int = 8 << 20) -> str:
+    """sha256 of what ``fh`` reads from here to its end, or of at most ``limit`` bytes."""
+    h = hashlib.sha256()
+    while limit is None or limit > 0:
+        chunk = fh.read(block if limit is None else min(block, limit))
+        if not chunk:
+            break
+        h.update(chunk)
+        if limit is not None:
+            limit -= len(chunk)
     return h.hexdigest()
 
 
@@ -553,13 +563,9 @@ def _hash_jobs(jobs: Sequence[tuple[Path, Future[tuple[str | None, _Identity, _I
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
             with open(fd, "rb") as fh:
                 before = _identity(os.fstat(fh.fileno()))
-                h = hashlib.sha256()
-                left = before[2]  # never more than the size it had: a growing file is hashed again when asked
-                while left > 0 and (chunk := fh.read(min(8 << 20, left))):
-                    h.update(chunk)
-                    left -= len(chunk)
+                digest = _digest(fh, before[2])  # never more than the size it had: a grown file is hashed again
                 after = _identity(os.fstat(fh.fileno()))
-            fut.set_result((h.hexdigest(), before, after))
+            fut.set_result((digest, before, after))
         except OSError:
             fut.set_result((None, (0, 0, 0, 0, 0), (0, 0, 0, 0, 0)))
 
