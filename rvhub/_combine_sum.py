@@ -174,6 +174,6 @@ def _accumulate(acc: np.ndarray, d: RawDelta, w: np.ndarray | None, first: bool)
         else:
             acc[: v.size] += v
     elif first:
-        np.put(acc, d.index, v, mode="clip")  # sorted, unique, inside the block: "clip" skips the bounds checks
+        acc[d.index] = v  # sorted, unique, inside the block
     elif v.size:
         _add_at(acc, d.index, v)

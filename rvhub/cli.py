@@ -106,11 +106,15 @@ ScalePatternOpt = Annotated[
 T = TypeVar("T")
 
 
-def _hash_ahead(*folders: str | Path | None) -> None:
-    """Start hashing these vector folders' weight files on another core while the command's imports load: the
-    verification that must come before reading them then finds the work done (``_io.hash_ahead``)."""
+def _streaming(*folders: str | Path | None) -> None:
+    """The start of a command that streams tensors: glibc's malloc keeps freed chunk-sized blocks
+    (``_malloc``), and these vector folders' weight files are hashed on another core while the command's
+    imports load, so the verification that must come before reading them finds the work done
+    (``_io.hash_ahead``)."""
     from ._io import hash_folder_ahead
+    from ._malloc import keep_freed_blocks
 
+    keep_freed_blocks()
     for folder in folders:
         if folder is not None:
             hash_folder_ahead(Path(folder))
@@ -188,6 +192,7 @@ def extract(
     debug: DebugOpt = False,
 ) -> None:
     """Compute the vector v = θ_to − θ_from (float32 differences), streaming tensor by tensor."""
+    _streaming()
     from .extract import extract as run
 
     def human(r: Any) -> str:
@@ -246,7 +251,7 @@ def compress(
 
     Give one rank rule: --rank, --energy or --budget.
     """
-    _hash_ahead(vector)
+    _streaming(vector)
     from .compress import compress as run
 
     _run(debug, json_out, lambda: run(
@@ -326,7 +331,7 @@ def apply(
     """Write θ_base + α·v: float32 arithmetic rounded once; config and tokenizer from the base.
 
     The base must first pass the compatibility check (`rvhub check`); --force skips it."""
-    _hash_ahead(vector)
+    _streaming(vector)
     from .apply import apply as run
 
     _run(debug, json_out, lambda: run(
@@ -464,7 +469,7 @@ def combine(
     """Combine vectors into a new (sparse, exact float32) vector folder whose card records its provenance.
 
     A single vector with --weights -1 is its negation."""
-    _hash_ahead(*vectors)
+    _streaming(*vectors)
     from .algebra import combine as run
 
     def human(r: Any) -> str:
@@ -497,7 +502,7 @@ def inspect(
 ) -> None:
     """Norms per layer and module type, changed fraction, LoRA spectrum; with a second vector, cosine, norm
     ratio, sign agreement and support overlap per tensor and layer."""
-    _hash_ahead(vector, other)
+    _streaming(vector, other)
     from .inspect import inspect_vector, render
 
     _run(debug, json_out, lambda: inspect_vector(vector, other, from_model=from_model, plot=plot), render)

@@ -213,7 +213,9 @@ def _encode_selected(
         # with the same exponent range): no rounding, no widening back, and the high halves are the stored bits
         halves = d.view(np.uint16)  # (low, high) half-words per element on a little-endian host
         stored = halves[_HIGH::2].copy()
-        bad = np.flatnonzero(halves[1 - _HIGH :: 2])
+        # the low half's bits, shifted out of a uint32 view: a contiguous bool array, whose flatnonzero is
+        # ~4x faster than one over the strided half-words
+        bad = np.flatnonzero(np.left_shift(d.view(np.uint32), 16) != 0)
         if bad.size:
             fix_pos = idx[bad]
             fix_hi = d[bad]
@@ -239,7 +241,7 @@ def _finish_selected(
         values = stored
     else:
         values = np.zeros(changed.size, dtype=stored.dtype)
-        np.put(values, idx, stored, mode="clip")  # idx lies inside: "clip" only skips the bounds checks
+        values[idx] = stored  # index assignment: 1.3-2x faster than np.put(mode="clip") in numpy 2
     return RawChunk(changed, int(d.size), values, fix_pos, fix_hi)
 
 
@@ -394,13 +396,13 @@ class RawDelta:
             sub += self.values
             if self.fix_lo.size and not self.fix_on_zero:
                 _add_at(sub, np.searchsorted(self.index, self.fix_pos), self.fix_lo)
-            np.put(raw, self.index, narrow(sub, code), mode="clip")
+            raw[self.index] = narrow(sub, code)
             if self.fix_lo.size and self.fix_on_zero:
                 # there t + (±0) was exact, so the element just written holds t (or +0 for −0, which adds the
                 # same): adding the fix-up to it rounds once, as adding it to ``sub`` would, without a search
                 fixed = to_work(raw.take(self.fix_pos), code).astype(wt, copy=False)
                 fixed += self.fix_lo
-                np.put(raw, self.fix_pos, narrow(fixed, code), mode="clip")
+                raw[self.fix_pos] = narrow(fixed, code)
         return raw
 
     def torch(self) -> DeltaChunk:
@@ -413,11 +415,12 @@ class RawDelta:
 
 
 def _add_at(acc: np.ndarray, index: np.ndarray, values: np.ndarray) -> None:
-    """acc[index] += values for unique, in-range indices (take/put: several times faster than ``+=`` on a
-    fancy index, and far faster than boolean indexing)."""
+    """acc[index] += values for unique, in-range indices: gathered, added, scattered back (several times faster
+    than ``+=`` on a fancy index, and far faster than boolean indexing; the scatter by index assignment is
+    1.3-2x faster than ``np.put(mode="clip")`` in numpy 2)."""
     s = acc.take(index)
     s += values
-    np.put(acc, index, s, mode="clip")
+    acc[index] = s
 
 
 @dataclass
