@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ._io import check_stop, dtype_code, write_text
-from .inmemory import Control, check_loaded, plan_model, switch_to
+from .inmemory import Control, check_loaded, plan_model, switch_to, widen_from_files
 
 if TYPE_CHECKING:
     from .eval import Run, TaskResult
@@ -41,11 +41,9 @@ class Runner:
         self.control = Control(vec, control, control_seed) if control != "none" else None  # type: ignore[arg-type]
         self.harness_version = _harness_version(lm_eval)
         self._tasks: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
-        if dtype is None:  # the target's own: the dtype most of its float tensors have
-            codes = [i.dtype for i in tgt.tensors.values() if i.is_float]
-            code = max(sorted(set(codes)), key=codes.count) if codes else "F32"
-        else:
-            code = dtype_code(dtype)
+        codes = [i.dtype for i in tgt.tensors.values() if i.is_float]
+        self.files_code = max(sorted(set(codes)), key=codes.count) if codes else "F32"  # most float tensors'
+        code = self.files_code if dtype is None else dtype_code(dtype)  # default: the target's own
         self.dtype_name = _DTYPES[code]
         self.model, self.lm = self._load(getattr(torch, self.dtype_name))
 
@@ -53,13 +51,25 @@ class Runner:
         from lm_eval.models.huggingface import HFLM
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(str(self.tgt.root), dtype=dtype, trust_remote_code=False)
+        root = str(self.tgt.root)
+        files = getattr(torch, _DTYPES[self.files_code])
+        model = None
+        if dtype.is_floating_point and files.itemsize < dtype.itemsize:
+            # wider than the files (float32 from bf16): loaded as stored (mapped, unread), then widened from
+            # the files tensor by tensor, which spares the peak of widening a mapped checkpoint (widen_from_files);
+            # the weights are then the files' by construction
+            model = AutoModelForCausalLM.from_pretrained(root, dtype=files, trust_remote_code=False)
+            if not widen_from_files(model, self.tgt, dtype):
+                model = None
+        widened = model is not None
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(root, dtype=dtype, trust_remote_code=False)
         model = model.to(self.device)  # type: ignore[arg-type]
         model.eval()
-        tok = AutoTokenizer.from_pretrained(str(self.tgt.root), trust_remote_code=False)
+        tok = AutoTokenizer.from_pretrained(root, trust_remote_code=False)
         plan, _ = plan_model(model, self.vec, self.allow_vocab_mismatch)
-        # restoring re-reads these tensors from the target's files: exact only if the load changed nothing
-        check_loaded(model, self.tgt, sorted(plan))
+        if not widened:  # restoring re-reads these tensors from the target's files: exact only if the load
+            check_loaded(model, self.tgt, sorted(plan))  # changed nothing
         lm = HFLM(pretrained=model, tokenizer=tok, batch_size=self.options["batch_size"])
         return model, lm
 

@@ -48,8 +48,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from rvhub import add_vector
 from rvhub.formats import open_vector
 from rvhub.inmemory import Control
-vec, target, out = sys.argv[1:4]
-model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.bfloat16)
+vec, target, out = sys.argv[1:4]  # and the dtype to load the target in: sys.argv[4]
+model = AutoModelForCausalLM.from_pretrained(target, dtype=getattr(torch, sys.argv[4]))
 add_vector(model, Control(open_vector(__import__("pathlib").Path(vec)), "gaussian", 0), 1.0)
 model.save_pretrained(out)
 AutoTokenizer.from_pretrained(target).save_pretrained(out)
@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--docs", type=int, default=100, help="examples in the local task")
     ap.add_argument("--batch-size", default="8")
     ap.add_argument("--reps", type=int, default=1)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                    help="the dtype both ways run the model in (the merged models are written in it)")
     ap.add_argument("--idle-wait", type=float, default=300.0)
     ap.add_argument("--out", type=Path, default=None, help="a Markdown file to put the report in")
     ap.add_argument("--rvhub", default=str(Path(sys.executable).parent / "rvhub"))
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         rows: dict[str, Measurement] = {}
         noise = {}
         ours = [args.rvhub, "eval", str(vec), "--base", str(trio.target), "--tasks", TASK, "--include-path",
-                str(tasks), "--batch-size", args.batch_size, "--no-card", "--quiet", "--json"]
+                str(tasks), "--batch-size", args.batch_size, "--dtype", args.dtype, "--no-card", "--quiet", "--json"]
         q = measure_quiet(ours, logs / "rvhub_eval.log", args.reps, [trio.target, vec], [], args.idle_wait,
                           "rvhub eval")
         rows["(a) rvhub eval, 4 runs in memory"] = q.measurement
@@ -125,14 +127,15 @@ def main(argv: list[str] | None = None) -> int:
         merged = {"plus": work / "m_plus", "minus": work / "m_minus", "control": work / "m_control"}
         for role, scale in (("plus", 1.0), ("minus", -1.0)):
             cmd = [args.rvhub, "apply", str(vec), "--base", str(trio.target), "-o", str(merged[role]),
-                   "--scale", str(scale), "--quiet"]
+                   "--scale", str(scale), "--dtype", args.dtype, "--quiet"]
             by_hand.append(run_once(cmd, logs / f"apply_{role}.log"))
         ctl = work / "control.py"
         ctl.write_text(CONTROL_SCRIPT)
-        by_hand.append(run_once([sys.executable, str(ctl), str(vec), str(trio.target), str(merged["control"])],
+        by_hand.append(run_once([sys.executable, str(ctl), str(vec), str(trio.target), str(merged["control"]),
+                                 args.dtype],
                                 logs / "control.log"))
         for label, folder in (("target", trio.target), *merged.items()):
-            cmd = [args.lm_eval, "run", "--model", "hf", "--model_args", f"pretrained={folder}", "dtype=bfloat16",
+            cmd = [args.lm_eval, "run", "--model", "hf", "--model_args", f"pretrained={folder}", f"dtype={args.dtype}",
                    *common]
             by_hand.append(run_once(cmd, logs / f"lm_eval_{label}.log"))
         total = Measurement.combine(by_hand)
@@ -141,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         for p in merged.values():
             remove(p)
 
-        model_mb = tree_size(trio.target) / 1e6
+        # one model copy in memory, in the dtype it runs in (the checkpoint is bf16)
+        model_mb = tree_size(trio.target) / 1e6 * (2 if args.dtype == "float32" else 1)
         a = rows["(a) rvhub eval, 4 runs in memory"]
         speedup = total.wall_s / a.wall_s
         table = md_table(
@@ -149,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             [[k, f"{m.wall_s:.1f}", f"{m.peak_rss_mb:.0f}"] for k, m in rows.items()],
         )
         sections.append(
-            f"### {name} ({shape.layers} layers, hidden {shape.hidden}, vocab {shape.vocab}; model "
-            f"{model_mb:,.0f} MB)\n\n{table}\n\nspeed-up {speedup:.2f}× (target ≥ 2×); peak RSS of rvhub eval "
+            f"### {name} ({shape.layers} layers, hidden {shape.hidden}, vocab {shape.vocab}; run in {args.dtype}, "
+            f"model {model_mb:,.0f} MB)\n\n{table}\n\nspeed-up {speedup:.2f}× (target ≥ 2×); peak RSS of rvhub eval "
             f"{a.peak_rss_mb:,.0f} MB against one model copy + 1 GB = {model_mb + RSS_SLACK_MB:,.0f} MB "
             f"({'met' if a.peak_rss_mb <= model_mb + RSS_SLACK_MB else 'NOT met'}); the by-hand way also wrote "
             f"{disk / 1e9:.2f} GB of merged models. {args.docs} examples, batch size {args.batch_size}, "
@@ -159,14 +163,15 @@ def main(argv: list[str] | None = None) -> int:
     m = machine_info()
     info = f"{m['cores']} cores, {m['ram']}, {m['cpu']}"
     body = (
-        f"## rvhub eval against the by-hand way\n\n_{today()}, rvhub {git_state()}, lm-eval "
+        f"## rvhub eval against the by-hand way ({args.dtype})\n\n_{today()}, rvhub {git_state()}, lm-eval "
         f"{package_version('lm_eval')}, torch {package_version('torch')}, {info}_\n\n"
-        f"`python scripts/bench_eval.py --shapes {args.shapes} --docs {args.docs} --batch-size {args.batch_size}`"
-        "\n\n" + "\n\n".join(sections)
+        f"`python scripts/bench_eval.py --shapes {args.shapes} --docs {args.docs} --batch-size {args.batch_size}"
+        + (f" --dtype {args.dtype}`" if args.dtype != "bfloat16" else "`")
+        + "\n\n" + "\n\n".join(sections)
     )
     print(body)
     if args.out is not None:
-        replace_section(args.out, SECTION, body)
+        replace_section(args.out, SECTION if args.dtype == "bfloat16" else f"{SECTION}_{args.dtype}", body)
     return 0
 
 
