@@ -36,7 +36,7 @@ from .formats import (
     check_finite_raw,
     work_code,
 )
-from .sources import CHUNK_ELEMS, row_blocks
+from .sources import STREAM_CHUNK_ELEMS, row_blocks
 
 if TYPE_CHECKING:
     from ._io import ShardedWriter
@@ -128,12 +128,12 @@ def _encode_as(
     wt = _WORK_NP[work]
     rows = shape[0] if shape else 1
     row_elems = math.prod(shape[1:])
-    blocks = row_blocks(shape, CHUNK_ELEMS) if shape else [(0, 1)]
+    blocks = row_blocks(shape, STREAM_CHUNK_ELEMS) if shape else [(0, 1)]
     sizes = [(b - a) * row_elems for a, b in blocks] if shape else [1]
     # each weight and α rounded to the work dtype once (0-d arrays): every product below is one rounding
     weights = [None if wi == 1.0 else np.asarray(wi, dtype=wt) for _, wi in terms]
     scale = None if alpha == 1.0 else np.asarray(alpha, dtype=wt)
-    streams = [f.delta_chunks_np(name, rows, CHUNK_ELEMS, 1.0, work) for f, _ in terms]
+    streams = [f.delta_chunks_np(name, rows, STREAM_CHUNK_ELEMS, 1.0, work) for f, _ in terms]
     buf = np.empty(max(sizes), dtype=wt)
     changed = inexact = 0
     for m in sizes:

@@ -49,7 +49,7 @@ from .formats import (
     work_code,
     work_dtype,
 )
-from .sources import CHUNK_ELEMS, ModelSource, open_model
+from .sources import CHUNK_ELEMS, STREAM_CHUNK_ELEMS, ModelSource, open_model
 
 if TYPE_CHECKING:
     import torch
@@ -154,7 +154,7 @@ def apply(
     force: bool = False,
     max_shard_size: str | int = "5GB",
     progress: bool = True,
-    chunk_elems: int = CHUNK_ELEMS,
+    chunk_elems: int | None = None,
     scale_patterns: ScalePatterns | Iterable[str] | None = None,
     threads: int | None = None,
 ) -> ApplyResult:
@@ -165,7 +165,8 @@ def apply(
     unless ``force``; what cannot be applied at all (missing tensors, shapes) is refused even then.
     ``scale_patterns`` (``REGEX=α``, see :class:`rvhub.algebra.ScalePatterns`) give α per target tensor name;
     ``scale`` is the α of the rest. On the CPU, ``threads`` (default ``$RVHUB_THREADS``, else every CPU) compute
-    chunks; the output does not depend on it.
+    chunks; the output does not depend on it, nor on ``chunk_elems`` (the row block size; default
+    :data:`rvhub.sources.STREAM_CHUNK_ELEMS` on the CPU, 4× that on a GPU).
     """
     t0 = time.perf_counter()
     out = Path(out)
@@ -177,6 +178,8 @@ def apply(
     shard_bytes = parse_size(max_shard_size)
     # the CPU path computes in numpy and never imports torch; a GPU one adds in torch on the device
     dev = None if device == "cpu" else resolve_device(device)
+    if chunk_elems is None:
+        chunk_elems = STREAM_CHUNK_ELEMS if dev is None else CHUNK_ELEMS
     n_threads = worker_threads(threads)
     check_output(out, overwrite, [vector, *([Path(base)] if Path(base).exists() else [])])
     vec = open_vector(vector)

@@ -27,7 +27,7 @@ from .card import ModelRef, TensorEntry, VectorCard, file_entries
 from .compat import fingerprints
 from .errors import InvalidOptionError, MissingTensorError, ShapeMismatchError, UnsupportedTensorError
 from .formats import VECTOR_STEM, RawChunk, TensorEncoder, encode_chunk, header_bound
-from .sources import CHUNK_ELEMS, ModelSource, TensorInfo, open_model
+from .sources import STREAM_CHUNK_ELEMS, ModelSource, TensorInfo, open_model
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def extract(
     max_shard_size: str | int = "2GB",
     overwrite: bool = False,
     progress: bool = True,
-    chunk_elems: int = CHUNK_ELEMS,
+    chunk_elems: int = STREAM_CHUNK_ELEMS,
     threads: int | None = None,
 ) -> ExtractResult:
     """Compute v = θ_to − θ_from and write it to the vector folder ``out``.

@@ -59,6 +59,10 @@ TIED_PAIRS = (
 _REPO_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9_.\-]+(@[A-Za-z0-9_.\-/]+)?")  # ASCII, in full
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,255}")
 CHUNK_ELEMS = 1 << 22
+# The row block the numpy streaming paths on the CPU (extract, apply, combine's sum) compute in. Measured on the
+# 0.5B benchmark shape against 4M-element blocks, files byte-identical: apply 12-15% faster (its system time
+# 2.0-2.5 s -> 1.2 s), extract's peak RSS 218 -> 146 MB at the same speed, combine's sum 10% less CPU.
+STREAM_CHUNK_ELEMS = 1 << 20
 
 
 @dataclass(frozen=True)

@@ -84,7 +84,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_sum_is_the_dense_float32_reference_in_many_blocks(inputs, tmp_path, monkeypatch, case, threads):
     names, weights, alpha = CASES[case]
-    monkeypatch.setattr(combine_sum, "CHUNK_ELEMS", TINY_CHUNK)
+    monkeypatch.setattr(combine_sum, "STREAM_CHUNK_ELEMS", TINY_CHUNK)
     monkeypatch.setenv("RVHUB_THREADS", str(threads))
     vectors = [inputs[n] for n in names]
     combine(vectors, tmp_path / "c", weights=weights, scale=alpha, progress=False)
@@ -114,12 +114,12 @@ def test_the_bytes_do_not_depend_on_block_size_or_threads(inputs, tmp_path, monk
     vectors = [inputs["hard"], inputs["hard_dense"]]
 
     def run(out: Path, chunk: int, threads: int) -> str:
-        monkeypatch.setattr(combine_sum, "CHUNK_ELEMS", chunk)
+        monkeypatch.setattr(combine_sum, "STREAM_CHUNK_ELEMS", chunk)
         monkeypatch.setenv("RVHUB_THREADS", str(threads))
         combine(vectors, out, weights=[0.5, 1.25], scale_patterns=["mlp=2"], progress=False)
         return hashlib.sha256((out / "vector.safetensors").read_bytes()).hexdigest()
 
-    assert run(tmp_path / "a", combine_sum.CHUNK_ELEMS, 1) == run(tmp_path / "b", TINY_CHUNK, 2) \
+    assert run(tmp_path / "a", combine_sum.STREAM_CHUNK_ELEMS, 1) == run(tmp_path / "b", TINY_CHUNK, 2) \
         == run(tmp_path / "c", 8 * TINY_CHUNK + 8, 2)
 
 
@@ -150,7 +150,7 @@ def test_sum_of_fp16_fp32_fp64_vectors_is_the_dense_reference(trio, tmp_path, mo
     vectors = [tmp_path / "v1", tmp_path / "v2", tmp_path / "v3"]
     for out, to, fmt in zip(vectors, (conv["rl"], rl2, conv["target"]), ("sparse", "sparse", "dense"), strict=True):
         extract(str(conv["sft"]), str(to), out, format=fmt, progress=False)
-    monkeypatch.setattr(combine_sum, "CHUNK_ELEMS", 8 * TINY_CHUNK)
+    monkeypatch.setattr(combine_sum, "STREAM_CHUNK_ELEMS", 8 * TINY_CHUNK)
     weights = [1.0, 0.3, -2.5]
     combine(vectors, tmp_path / "c", weights=weights, scale=0.7, progress=False)
     assert_is(tmp_path / "c", reference(vectors, weights, 0.7))
