@@ -54,22 +54,25 @@ class Runner:
         root = str(self.tgt.root)
         files = getattr(torch, _DTYPES[self.files_code])
         model = None
+        widened: set[str] = set()
         if dtype.is_floating_point and files.itemsize < dtype.itemsize:
             # wider than the files (float32 from bf16): loaded as stored (mapped, unread), then widened from
-            # the files tensor by tensor, which spares the peak of widening a mapped checkpoint (widen_from_files);
-            # the weights are then the files' by construction
+            # the files tensor by tensor, which spares the peak of widening a mapped checkpoint (widen_from_files)
             model = AutoModelForCausalLM.from_pretrained(root, dtype=files, trust_remote_code=False)
-            if not widen_from_files(model, self.tgt, dtype):
+            done = widen_from_files(model, self.tgt, dtype)
+            if done is None:
                 model = None
-        widened = model is not None
+            else:
+                widened = done
         if model is None:
             model = AutoModelForCausalLM.from_pretrained(root, dtype=dtype, trust_remote_code=False)
         model = model.to(self.device)  # type: ignore[arg-type]
         model.eval()
         tok = AutoTokenizer.from_pretrained(root, trust_remote_code=False)
         plan, _ = plan_model(model, self.vec, self.allow_vocab_mismatch)
-        if not widened:  # restoring re-reads these tensors from the target's files: exact only if the load
-            check_loaded(model, self.tgt, sorted(plan))  # changed nothing
+        # restoring re-reads these tensors from the target's files: exact only if the load changed nothing (a
+        # widened tensor was just read from them)
+        check_loaded(model, self.tgt, sorted(set(plan) - widened))
         lm = HFLM(pretrained=model, tokenizer=tok, batch_size=self.options["batch_size"])
         return model, lm
 

@@ -269,12 +269,15 @@ _SAMPLE_WINDOW = 1 << 12  # elements per window of widen_from_files's check (a f
 _SAMPLE_WINDOWS = 16
 
 
-def widen_from_files(model: Any, source: ModelSource, dtype: torch.dtype, chunk_elems: int = CHUNK_ELEMS) -> bool:
+def widen_from_files(
+    model: Any, source: ModelSource, dtype: torch.dtype, chunk_elems: int = CHUNK_ELEMS
+) -> set[str] | None:
     """Widen a model loaded from ``source``'s files in a narrower dtype (its mapped pages not yet read) to
     ``dtype``, reading each floating tensor again from the files, one row block at a time: the weights
     ``from_pretrained(dtype=dtype)`` gives, bit for bit (widening is exact), without that load's peak (the
     file's mapped pages and the widened copy resident at once: 3.2 GB for a 0.5B bf16 model in float32,
-    against 2.3 GB after it). Whether it did; False, with nothing changed, when a floating tensor of the state
+    against 2.3 GB after it). The state-dict names of the tensors it widened (their values are the files' by
+    construction); None, with nothing changed, when a floating tensor of the state
     dict is not in the files under its name and shape (from_pretrained then initialises or converts it, and
     only a load in ``dtype`` gives its values), or when a sample of the loaded values differs from the files'
     (a loader that transforms weights: the first, last and 16 evenly spaced windows of 4,096 elements of each
@@ -284,16 +287,17 @@ def widen_from_files(model: Any, source: ModelSource, dtype: torch.dtype, chunk_
         if t.is_floating_point():
             groups.setdefault(id(t), (t, []))[1].append(name)
     jobs: list[tuple[torch.Tensor, str]] = []
+    widened: set[str] = set()
     for t, names in groups.values():
         found = [n for n in names if n in source.tensors and source.tensors[n].shape == tuple(t.shape)]
-        if not found or t.dtype == dtype:
-            if not found:
-                return False
-            continue
-        jobs.append((t, found[0]))
+        if not found:
+            return None
+        if t.dtype != dtype:  # one the loader already holds in ``dtype`` stays as loaded
+            jobs.append((t, found[0]))
+            widened.update(names)
     for t, name in jobs:
         if not _sample_matches(t.detach(), source, name):
-            return False
+            return None
     for t, name in jobs:
         wide = torch.empty(tuple(t.shape), dtype=dtype, device=t.device)
         flat = wide.view(-1)
@@ -303,7 +307,7 @@ def widen_from_files(model: Any, source: ModelSource, dtype: torch.dtype, chunk_
         t.data = wide  # the narrow (mapped) storage is dropped unread
     if hasattr(model, "config"):
         model.config.dtype = dtype  # as from_pretrained(dtype=...) records it
-    return True
+    return widened
 
 
 def _sample_matches(t: torch.Tensor, source: ModelSource, name: str) -> bool:

@@ -215,7 +215,8 @@ def test_widening_from_the_files_is_a_float32_load(trio, name):
     t = trio(name)
     want = _load(t.target, torch.float32)
     model = _load(t.target, torch.bfloat16)
-    assert widen_from_files(model, open_model(str(t.target)), torch.float32, chunk_elems=64)  # several blocks
+    widened = widen_from_files(model, open_model(str(t.target)), torch.float32, chunk_elems=64)  # several blocks
+    assert widened is not None and "model.embed_tokens.weight" in widened
     assert_bitwise_equal(dict(model.state_dict()), dict(want.state_dict()), "widened vs float32 load")
     for (n1, b1), (n2, b2) in zip(model.named_buffers(), want.named_buffers(), strict=True):
         assert n1 == n2 and b1.dtype == b2.dtype and torch.equal(b1, b2)
@@ -234,13 +235,13 @@ def test_widening_refuses_a_loader_that_changed_weights_or_a_tensor_not_in_the_f
     with torch.no_grad():
         w.data = w.data.flip(0).contiguous()  # as a loader that permutes rows would leave it
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    assert not widen_from_files(model, src, torch.float32)
+    assert widen_from_files(model, src, torch.float32) is None
     assert_bitwise_equal(dict(model.state_dict()), before, "unchanged after a refusal")
     assert model.config.dtype == torch.bfloat16
 
     model = _load(t.target, torch.bfloat16)
     model.model.register_buffer("extra", torch.ones(3, dtype=torch.bfloat16))  # persistent, not in the files
-    assert not widen_from_files(model, src, torch.float32)
+    assert widen_from_files(model, src, torch.float32) is None
     assert model.model.embed_tokens.weight.dtype == torch.bfloat16
 
 
@@ -251,13 +252,13 @@ def test_eval_runner_in_float32_of_a_bf16_target_loads_the_float32_weights(trio,
     from rvhub._runner import Runner
 
     t = trio("qwen2_plain")
-    calls: list[bool] = []
+    calls: list[set[str] | None] = []
     real = _runner.widen_from_files
     monkeypatch.setattr(_runner, "widen_from_files", lambda *a, **k: calls.append(real(*a, **k)) or calls[-1])
     options = dict(limit=None, num_fewshot=None, apply_chat_template=False, batch_size=2, gen_kwargs=None, seed=0)
     tgt = open_model(str(t.target), hash_content=False)
     runner = Runner(lm_eval, open_vector(vector("qwen2_plain")), tgt, torch.device("cpu"), "float32", None, "none",
                     0, False, options, None)
-    assert calls == [True]
+    assert len(calls) == 1 and calls[0]
     assert_bitwise_equal(dict(runner.model.state_dict()), dict(_load(t.target, torch.float32).state_dict()),
                          "runner's float32 model")
