@@ -55,7 +55,7 @@ class Runner:
         files = getattr(torch, _DTYPES[self.files_code])
         model = None
         widened: set[str] = set()
-        if dtype.is_floating_point and files.itemsize < dtype.itemsize:
+        if files.itemsize < dtype.itemsize:
             # wider than the files (float32 from bf16): loaded as stored (mapped, unread), then widened from
             # the files tensor by tensor, which spares the peak of widening a mapped checkpoint (widen_from_files)
             model = AutoModelForCausalLM.from_pretrained(root, dtype=files, trust_remote_code=False)

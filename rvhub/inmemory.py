@@ -142,12 +142,21 @@ def _add_tensor(
         check_finite(source, out, "model or vector, after adding")
 
 
-def _restore_tensor(param: torch.Tensor, base: ModelSource, name: str, chunk_elems: int) -> None:
-    """param = the target's tensor ``name`` from its files, cast to the parameter's dtype, one block at a time."""
+def _file_blocks(
+    param: torch.Tensor, base: ModelSource, name: str, chunk_elems: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(a flat block of ``param``, the same block of the target's tensor ``name`` from its files, cast to the
+    parameter's dtype), one block at a time."""
     flat = _flat(param, name)
     for (lo, hi), block in zip(_blocks(tuple(param.shape), chunk_elems),
                                _base_blocks(base, name, param.data, chunk_elems), strict=True):
-        flat[lo:hi].copy_(block)
+        yield flat[lo:hi], block
+
+
+def _restore_tensor(param: torch.Tensor, base: ModelSource, name: str, chunk_elems: int) -> None:
+    """param = the target's tensor ``name`` from its files, cast to the parameter's dtype, one block at a time."""
+    for part, block in _file_blocks(param, base, name, chunk_elems):
+        part.copy_(block)
 
 
 @torch.no_grad()
@@ -256,12 +265,9 @@ def check_loaded(model: Any, source: ModelSource, names: list[str]) -> None:
     (what restoring by re-reading assumes)."""
     params = _params(model)
     for name in names:
-        p = params[name].detach()
-        flat = _flat(p, name)
         # one row block at a time: never a whole tensor (an embedding) read and cast beside the model
-        for (lo, hi), block in zip(_blocks(tuple(p.shape), CHUNK_ELEMS), _base_blocks(source, name, p, CHUNK_ELEMS),
-                                   strict=True):
-            if not torch.equal(flat[lo:hi], block):
+        for part, block in _file_blocks(params[name].detach(), source, name, CHUNK_ELEMS):
+            if not torch.equal(part, block):
                 raise LoadedWeightsError(name, str(source.ref.id))
 
 
@@ -300,10 +306,7 @@ def widen_from_files(
             return None
     for t, name in jobs:
         wide = torch.empty(tuple(t.shape), dtype=dtype, device=t.device)
-        flat = wide.view(-1)
-        for (lo, hi), block in zip(_blocks(tuple(t.shape), chunk_elems),
-                                   _base_blocks(source, name, wide, chunk_elems), strict=True):
-            flat[lo:hi] = block
+        _restore_tensor(wide, source, name, chunk_elems)
         t.data = wide  # the narrow (mapped) storage is dropped unread
     if hasattr(model, "config"):
         model.config.dtype = dtype  # as from_pretrained(dtype=...) records it
